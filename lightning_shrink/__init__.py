@@ -1,0 +1,23 @@
+"""lightning-shrink: compress models while they are fine-tuned, with Lightning callbacks on a
+pluggy hook system."""
+
+from lightning_shrink.callback import ShrinkCallback, TechniqueCallback
+from lightning_shrink.hookspecs import hookimpl, hookspec
+from lightning_shrink.manager import PluginError, ShrinkPluginManager, get_plugin_manager
+from lightning_shrink.report import CompressionReport, ReportRow, report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressionReport",
+    "PluginError",
+    "ReportRow",
+    "ShrinkCallback",
+    "ShrinkPluginManager",
+    "TechniqueCallback",
+    "__version__",
+    "get_plugin_manager",
+    "hookimpl",
+    "hookspec",
+    "report",
+]
