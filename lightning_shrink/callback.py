@@ -217,7 +217,9 @@ class ShrinkCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self.hook.shrink_train_batch_start(trainer=trainer, pl_module=pl_module, batch=batch, batch_idx=batch_idx)
+        self.hook.shrink_train_batch_start(
+            trainer=trainer, pl_module=pl_module, batch=batch, batch_idx=batch_idx
+        )
 
     @override
     def on_before_optimizer_step(

@@ -275,9 +275,7 @@ def shrink_save_state(
 
 
 @hookspec
-def shrink_load_state(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, state: Mapping[str, Any]
-) -> None:
+def shrink_load_state(trainer: pl.Trainer, pl_module: pl.LightningModule, state: Mapping[str, Any]) -> None:
     """Restore plugin state from a checkpoint.
 
     Called when Lightning restores a checkpoint (``ckpt_path=``), after ``shrink_setup`` and
@@ -335,9 +333,7 @@ def shrink_load(tensors: MutableMapping[str, torch.Tensor], metadata: Mapping[st
 
 
 @hookspec
-def shrink_report_rows(
-    trainer: pl.Trainer | None, model: nn.Module
-) -> Sequence[ReportRow] | None:
+def shrink_report_rows(trainer: pl.Trainer | None, model: nn.Module) -> Sequence[ReportRow] | None:
     """Return rows for the compression report.
 
     Called by :func:`lightning_shrink.report`.
