@@ -50,7 +50,7 @@ class CompressionReport:
         """The rows as an aligned plain-text table."""
         header = ("technique", "target", "metric", "value")
         lines = [(r.technique, r.target, r.metric, _format_value(r.value)) for r in self.rows]
-        widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
+        widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=True)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
         out += [fmt.format(*line) for line in lines]
