@@ -186,6 +186,7 @@ class ShrinkCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.find(trainer)  # raises if several bridges are listed
+        stage = _stage_name(stage)
         self._trainer_ref = weakref.ref(trainer)
         pm = self._build_manager(trainer)
         if stage == "fit" and not pl_module.automatic_optimization:
@@ -252,7 +253,7 @@ class ShrinkCallback(Callback):
         self._unpatch(pl_module, "training_step")
         self._unpatch(pl_module, "on_load_checkpoint")
         if self._pm is not None:
-            self.hook.shrink_teardown(trainer=trainer, pl_module=pl_module, stage=stage)
+            self.hook.shrink_teardown(trainer=trainer, pl_module=pl_module, stage=_stage_name(stage))
 
     @override
     def on_save_checkpoint(
@@ -361,6 +362,11 @@ class ShrinkCallback(Callback):
         state["_step_hook_handles"] = []
         state["_trainer_ref"] = None
         return state
+
+
+def _stage_name(stage: Any) -> str:
+    # Lightning passes a `TrainerFn` (a str enum); hooks get the plain string.
+    return str(getattr(stage, "value", stage))
 
 
 def _merge(results: Iterable[Mapping[str, Any] | None], hook_name: str) -> dict[str, Any]:

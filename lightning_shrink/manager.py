@@ -115,6 +115,8 @@ class ShrinkPluginManager(pluggy.PluginManager):
     ) -> None:
         super().__init__(PROJECT_NAME)
         self.add_hookspecs(hookspecs)
+        # Historic: every plugin registered from now on receives the call, like pytest_addhooks.
+        self.hook.shrink_addhooks.call_historic(kwargs=dict(pluginmanager=self))
         self._distributions: dict[str, str] = {}
         self.autoload = (not _env_flag(ENV_DISABLE_AUTOLOAD)) if autoload is None else autoload
         for name in [*block_plugins, *_env_list(ENV_BLOCK)]:
@@ -210,7 +212,7 @@ class ShrinkPluginManager(pluggy.PluginManager):
             if hook.has_spec():
                 continue
             for impl in hook.get_hookimpls():
-                if impl.hookimpl_opts.get("optionalhook"):
+                if impl.optionalhook:
                     continue
                 close = difflib.get_close_matches(name, self.hook_names(), n=3)
                 hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
