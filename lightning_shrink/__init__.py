@@ -2,6 +2,7 @@
 pluggy hook system."""
 
 from lightning_shrink.callback import ShrinkCallback, TechniqueCallback
+from lightning_shrink.distillation import KnowledgeDistillation
 from lightning_shrink.hookspecs import hookimpl, hookspec
 from lightning_shrink.manager import PluginError, ShrinkPluginManager, get_plugin_manager
 from lightning_shrink.report import CompressionReport, ReportRow, report
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompressionReport",
+    "KnowledgeDistillation",
     "PluginError",
     "ReportRow",
     "ShrinkCallback",
