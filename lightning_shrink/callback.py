@@ -256,6 +256,16 @@ class ShrinkCallback(Callback):
             self.hook.shrink_teardown(trainer=trainer, pl_module=pl_module, stage=_stage_name(stage))
 
     @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning skips `teardown` callbacks when a run fails: release everything here so the
+        # model is left plain and plugins can clean up.
+        stage = trainer.state.fn
+        if stage is not None:
+            self.teardown(trainer, pl_module, stage)
+
+    @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:

@@ -150,7 +150,7 @@ def test_plugin_class_that_cannot_be_instantiated(installed):
     dist_dir = next(p for p in sys.path if p.endswith("site"))
     ep_file = Path(dist_dir) / "classplug-1.2.3.dist-info" / "entry_points.txt"
     ep_file.write_text("[lightning_shrink]\nclassplug = classplug_plugin:Plugin\n")
-    with pytest.raises(PluginError, match="'classplug'.*could not instantiate"):
+    with pytest.raises(PluginError, match=r"'classplug'.*could not instantiate"):
         get_plugin_manager()
 
 

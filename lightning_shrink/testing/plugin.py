@@ -101,7 +101,7 @@ class HookRecorder:
     def assert_called(self, name: str, times: int | None = None) -> list[HookCall]:
         """Assert that hook ``name`` was called (exactly ``times`` times if given)."""
         calls = self.getcalls(name)
-        if not calls or (times is not None and len(calls) != times):
+        if (times is None and not calls) or (times is not None and len(calls) != times):
             expected = "at least once" if times is None else f"{times} time(s)"
             raise AssertionError(f"hook {name!r} called {len(calls)} time(s), expected {expected}")
         return calls
