@@ -5,12 +5,14 @@ from lightning_shrink.callback import ShrinkCallback, TechniqueCallback
 from lightning_shrink.distillation import KnowledgeDistillation
 from lightning_shrink.hookspecs import hookimpl, hookspec
 from lightning_shrink.manager import PluginError, ShrinkPluginManager, get_plugin_manager
+from lightning_shrink.pruning import GradualMagnitudePruning
 from lightning_shrink.report import CompressionReport, ReportRow, report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompressionReport",
+    "GradualMagnitudePruning",
     "KnowledgeDistillation",
     "PluginError",
     "ReportRow",

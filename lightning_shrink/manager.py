@@ -47,6 +47,7 @@ ENTRY_POINT_GROUP = "lightning_shrink"
 #: configured parts of a technique are registered by its callback.
 BUILTIN_PLUGINS: dict[str, str] = {
     "core": "lightning_shrink._core",
+    "pruning-export": "lightning_shrink.pruning.export",
 }
 
 #: Built-in plugins that cannot be blocked.

@@ -1,0 +1,261 @@
+"""Mask computation: magnitude scores for each pattern and exact thresholds, also over sharded
+(FSDP2 / DTensor) parameters.
+
+Every selection here is *exact*: a group whose scheduled sparsity is ``s`` over ``total`` weights
+prunes exactly ``round(s * total)`` of them (whole rows for ``"rows"``: the largest number of
+lowest-scoring rows whose size does not exceed that count). Ties at the threshold are broken by
+position (parameter order, then flat index), so the result is the same on one process, on
+replicated DDP ranks and over FSDP2 shards.
+
+Scores are integer keys: the IEEE-754 bit pattern of a non-negative float32 orders like its value,
+so ``key = bits(|w|) + 1`` orders weights by magnitude, ``0`` marks weights that are already
+pruned (they are pruned first: masks never grow back while sparsity rises), and ``2**32`` marks
+weights that a pattern forbids to prune. On sharded parameters the threshold is found by bisection
+over these keys with an all-reduce of counts per step (33 steps): exact, not sampled.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Comm", "Pattern", "compute_masks", "local_tensor", "parse_pattern"]
+
+INF_KEY = 1 << 32
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A parsed mask pattern: ``kind`` is ``"unstructured"``, ``"nm"`` or ``"rows"``; for ``"nm"``,
+    ``n`` weights are kept in every group of ``m`` consecutive weights along the input dimension."""
+
+    kind: str
+    n: int = 0
+    m: int = 0
+
+    @property
+    def sparsity(self) -> float | None:
+        """The sparsity the pattern implies (``1 - n/m`` for N:M), else ``None``."""
+        return 1.0 - self.n / self.m if self.kind == "nm" else None
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
+
+
+def parse_pattern(pattern: str) -> Pattern:
+    """Parse ``"unstructured"``, ``"rows"`` or ``"N:M"``; raise ``ValueError`` naming ``pattern``."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"`pattern` must be a string, got {pattern!r}")
+    if pattern in ("unstructured", "rows"):
+        return Pattern(pattern)
+    match = _NM.match(pattern)
+    if match is None:
+        raise ValueError(f"`pattern` must be 'unstructured', 'rows' or 'N:M' such as '2:4', got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if n < 1 or n >= m:
+        raise ValueError(
+            f"`pattern={pattern!r}`: N:M keeps N weights in every M, so 1 <= N < M is required "
+            f"(got N={n}, M={m})"
+        )
+    return Pattern("nm", n, m)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor, or ``t`` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) and type(t).__name__ == "DTensor" else t
+
+
+def is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+class Comm:
+    """The collectives a selection needs; a no-op on one process or for replicated parameters."""
+
+    def __init__(self, group: Any = None, sharded: bool = False) -> None:
+        self.sharded = sharded and dist.is_available() and dist.is_initialized()
+        self.group = group
+        self.world = dist.get_world_size(group) if self.sharded else 1
+        self.rank = dist.get_rank(group) if self.sharded else 0
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Stack of every rank's ``t`` (same shape on all ranks), shape ``(world, *t.shape)``."""
+        if self.world == 1:
+            return t.unsqueeze(0)
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t, group=self.group)
+        return torch.stack(out)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
+def _keys(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().float().abs().view(torch.int32).to(torch.int64) + 1
+
+
+def _matrix(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``(out, in)`` view: rows are output units, the input dimension is last."""
+    if transposed:
+        return t.t()
+    return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+
+
+def _units(
+    w: torch.Tensor, keep: torch.Tensor, transposed: bool, pattern: Pattern
+) -> tuple[torch.Tensor, int]:
+    """Integer keys of the prunable units of one (local) parameter and the size of a unit."""
+    if pattern.kind == "unstructured":
+        return _keys(w).reshape(-1).masked_fill_(~keep.reshape(-1), 0), 1
+    mat, kmat = _matrix(w, transposed), _matrix(keep, transposed)
+    if pattern.kind == "rows":
+        rms = mat.detach().float().pow(2).mean(dim=1).sqrt()
+        keys = _keys(rms).masked_fill_(~kmat.any(dim=1), 0)
+        return keys, mat.shape[1]
+    m, drop = pattern.m, pattern.m - pattern.n
+    keys = _keys(mat).masked_fill_(~kmat, 0).reshape(mat.shape[0], -1, m)
+    order = torch.argsort(keys, dim=-1, stable=True)
+    candidate = torch.zeros_like(keys, dtype=torch.bool).scatter_(-1, order[..., :drop], True)
+    return keys.masked_fill_(~candidate, INF_KEY).reshape(-1), 1
+
+
+def _to_mask(pruned_units: torch.Tensor, w: torch.Tensor, transposed: bool, pattern: Pattern) -> torch.Tensor:
+    if pattern.kind == "unstructured":
+        return (~pruned_units).reshape(w.shape)
+    rows, cols = _matrix(w, transposed).shape
+    if pattern.kind == "rows":
+        keep = (~pruned_units).unsqueeze(1).expand(rows, cols)
+    else:
+        keep = (~pruned_units).reshape(rows, cols)
+    return keep.t().contiguous() if transposed else keep.reshape(w.shape).contiguous()
+
+
+def _select_equal(keys: Sequence[torch.Tensor], k: int, comm: Comm) -> list[torch.Tensor]:
+    """Prune exactly ``k`` units of weight 1 (smallest keys; ties by position)."""
+    if k <= 0:
+        return [torch.zeros_like(x, dtype=torch.bool) for x in keys]
+    if comm.world == 1:
+        v = int(torch.kthvalue(torch.cat([x.reshape(-1) for x in keys]), k).values)
+    else:
+        lo, hi = -1, INF_KEY
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            count = torch.tensor([sum(int((x <= mid).sum()) for x in keys)], dtype=torch.int64)
+            if int(comm.all_reduce(count)) >= k:
+                hi = mid
+            else:
+                lo = mid
+        v = hi
+    pruned = [x < v for x in keys]
+    less = comm.all_reduce(torch.tensor([sum(int(p.sum()) for p in pruned)], dtype=torch.int64))
+    remaining = k - int(less)
+    ties = [x == v for x in keys]
+    tie_counts = comm.all_gather(torch.tensor([int(t.sum()) for t in ties], dtype=torch.int64))  # (world, T)
+    for i, tie in enumerate(ties):
+        for r in range(comm.world):
+            take = min(int(tie_counts[r, i]), remaining)
+            if r == comm.rank and take > 0:
+                idx = tie.reshape(-1).nonzero().squeeze(1)[:take]
+                pruned[i].view(-1)[idx] = True
+            remaining -= take
+    return pruned
+
+
+def _select_weighted(
+    keys: Sequence[torch.Tensor], sizes: Sequence[int], k: int, comm: Comm
+) -> list[torch.Tensor]:
+    """Prune the largest prefix of units (ascending key, ties by position) whose total size is at
+    most ``k``."""
+    gathered = comm.all_gather_object([x.tolist() for x in keys])  # [rank][target] -> keys
+    flat_keys: list[int] = []
+    flat_sizes: list[int] = []
+    owner: list[tuple[int, int, int]] = []  # (target, rank, local index)
+    for i, size in enumerate(sizes):
+        for r in range(comm.world):
+            for j, key in enumerate(gathered[r][i]):
+                flat_keys.append(key)
+                flat_sizes.append(size)
+                owner.append((i, r, j))
+    pruned = [torch.zeros_like(x, dtype=torch.bool) for x in keys]
+    if not flat_keys or k <= 0:
+        return pruned
+    order = torch.argsort(torch.tensor(flat_keys, dtype=torch.int64), stable=True)
+    cum = torch.cumsum(torch.tensor(flat_sizes, dtype=torch.int64)[order], 0)
+    n = int((cum <= k).sum())
+    for u in order[:n].tolist():
+        i, r, j = owner[u]
+        if r == comm.rank:
+            pruned[i][j] = True
+    return pruned
+
+
+def compute_masks(
+    weights: Sequence[torch.Tensor],
+    keeps: Sequence[torch.Tensor],
+    transposed: Sequence[bool],
+    totals: Sequence[int],
+    sparsity: float,
+    pattern: Pattern,
+    comm: Comm,
+) -> list[torch.Tensor]:
+    """New keep-masks for one threshold group.
+
+    Args:
+        weights: The group's local weight tensors (shards when sharded).
+        keeps: Their current keep-masks (``False`` = pruned); pruned weights stay pruned as long as
+            the group's sparsity does not fall below its current sparsity.
+        transposed: Per weight, whether it is stored ``(in, out)``.
+        totals: Per weight, its global number of elements.
+        sparsity: The group's scheduled sparsity.
+        pattern: The mask pattern.
+        comm: Collectives over the shards (no-op when not sharded).
+
+    Returns:
+        Boolean keep-masks shaped like ``weights``.
+    """
+    total = sum(totals)
+    already = comm.all_reduce(torch.tensor([sum(int((~k).sum()) for k in keeps)], dtype=torch.int64))
+    k = max(round(sparsity * total), int(already))
+    if pattern.kind == "nm":
+        k = min(k, total * (pattern.m - pattern.n) // pattern.m)
+    k = min(k, total)
+    units = [_units(w, keep, t, pattern) for w, keep, t in zip(weights, keeps, transposed, strict=True)]
+    if pattern.kind == "rows":
+        pruned = _select_weighted([u for u, _ in units], [s for _, s in units], k, comm)
+    else:
+        pruned = _select_equal([u for u, _ in units], k, comm)
+    return [_to_mask(p, w, t, pattern) for p, w, t in zip(pruned, weights, transposed, strict=True)]
+
+
+def check_divides(shape: torch.Size, transposed: bool, pattern: Pattern, name: str) -> None:
+    """Raise ``ValueError`` when ``pattern`` cannot tile a weight of ``shape``."""
+    if pattern.kind != "nm":
+        return
+    if len(shape) < 2:
+        raise ValueError(
+            f"`pattern='{pattern}'` needs a weight with an input dimension; {name!r} has shape {tuple(shape)}"
+        )
+    width = shape[0] if transposed else math.prod(shape[1:])
+    if width % pattern.m:
+        raise ValueError(
+            f"`pattern='{pattern}'` groups {pattern.m} consecutive weights along the input dimension, "
+            f"but {name!r} (shape {tuple(shape)}) has {width} inputs, not a multiple of {pattern.m}"
+        )

@@ -1,0 +1,153 @@
+"""Which parameters are pruned: selection by module type and name, defaults and overrides."""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["PruneTarget", "default_module_types", "is_conv1d", "select_targets"]
+
+
+def _transformers_conv1d() -> type | None:
+    # Only look it up when transformers is already imported: a model that has Conv1D layers
+    # imported it, and `import lightning_shrink` must stay light.
+    module = sys.modules.get("transformers.pytorch_utils")
+    if module is None and "transformers" in sys.modules:
+        try:
+            from transformers import pytorch_utils as module
+        except ImportError:  # pragma: no cover - broken transformers install
+            return None
+    return getattr(module, "Conv1D", None) if module is not None else None
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2), whose weight is ``(in, out)``."""
+    conv1d = _transformers_conv1d()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def default_module_types() -> tuple[type, ...]:
+    """``nn.Linear``, ``nn.Conv1d/2d/3d`` and, when transformers is imported, its ``Conv1D``."""
+    types: list[type] = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d]
+    conv1d = _transformers_conv1d()
+    if conv1d is not None:
+        types.append(conv1d)
+    return tuple(types)
+
+
+@dataclass
+class PruneTarget:
+    """One pruned parameter.
+
+    Attributes:
+        name: Qualified parameter name in the LightningModule, e.g.
+            ``"model.bert.encoder.layer.0.output.dense.weight"``.
+        module_name: Qualified name of the module that owns it.
+        transposed: The weight is stored ``(in, out)`` (transformers' ``Conv1D``) rather than
+            ``(out, in, ...)``.
+        final_sparsity: The sparsity this parameter (or its group) reaches at the end of the schedule.
+        group: Parameters of the same group share one magnitude threshold.
+    """
+
+    name: str
+    module_name: str
+    transposed: bool
+    final_sparsity: float
+    group: str
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_targets(
+    model: nn.Module,
+    *,
+    module_types: tuple[type, ...] | None,
+    modules: Sequence[str] | None,
+    exclude_modules: Sequence[str],
+    parameter_names: Sequence[str],
+    prune_output_layer: bool,
+    scope: str,
+    target_sparsity: float,
+    sparsity_overrides: Mapping[str, float],
+) -> list[PruneTarget]:
+    """Select the parameters to prune (see :class:`GradualMagnitudePruning` for the rules).
+
+    Raises:
+        ValueError: if nothing matches, naming the arguments to change.
+    """
+    types = module_types if module_types is not None else default_module_types()
+    candidates: list[tuple[str, nn.Module]] = []
+    for module_name, module in model.named_modules(remove_duplicate=True):
+        if not module_name or not isinstance(module, types):
+            continue
+        if modules is not None and not _matches(module_name, modules):
+            continue
+        if _matches(module_name, exclude_modules):
+            continue
+        candidates.append((module_name, module))
+
+    # Parameters that also belong to a module that is not selected by type (tied embeddings and
+    # LM heads) are left alone unless named explicitly.
+    shared_ids: set[int] = set()
+    if modules is None:
+        for module in model.modules():
+            if not isinstance(module, types):
+                shared_ids.update(id(p) for p in module.parameters(recurse=False))
+    output_layer = None
+    if modules is None and not prune_output_layer:
+        trainable = [
+            (n, m) for n, m in candidates if any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
+        if trainable:
+            output_layer = trainable[-1][0]
+        get_out = getattr(model, "get_output_embeddings", None)
+        if callable(get_out):
+            out = get_out()
+            if isinstance(out, nn.Module):
+                shared_ids.update(id(p) for p in out.parameters(recurse=False))
+
+    seen: set[int] = set()
+    targets: list[PruneTarget] = []
+    for module_name, module in candidates:
+        if module_name == output_layer:
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if pname not in parameter_names or not param.requires_grad:
+                continue
+            if id(param) in seen or id(param) in shared_ids:
+                continue
+            seen.add(id(param))
+            override = [v for p, v in sparsity_overrides.items() if fnmatch.fnmatchcase(module_name, p)]
+            final = override[-1] if override else target_sparsity
+            full_name = f"{module_name}.{pname}"
+            group = full_name if override or scope == "layer" else "__global__"
+            targets.append(
+                PruneTarget(
+                    name=full_name,
+                    module_name=module_name,
+                    transposed=is_conv1d(module) and pname == "weight",
+                    final_sparsity=final,
+                    group=group,
+                )
+            )
+    if not targets:
+        type_names = ", ".join(t.__name__ for t in types)
+        raise ValueError(
+            "GradualMagnitudePruning: no parameter matched the selection "
+            f"(module_types=[{type_names}], modules={list(modules) if modules is not None else None}, "
+            f"exclude_modules={list(exclude_modules)}, parameter_names={list(parameter_names)}); "
+            "frozen parameters and the output layer are skipped by default"
+        )
+    for pattern in sparsity_overrides:
+        if not any(fnmatch.fnmatchcase(t.module_name, pattern) for t in targets):
+            raise ValueError(
+                f"GradualMagnitudePruning: `sparsity_overrides` pattern {pattern!r} matches no "
+                "selected module"
+            )
+    return targets
