@@ -38,7 +38,7 @@ class ShrinkCLI(LightningCLI):
         # its message, not a traceback.
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, FileNotFoundError) as exc:
             raise RecipeError(f"{type(exc).__name__}: {exc}") from exc
 
     def after_fit(self) -> None:
@@ -153,6 +153,10 @@ def run_lightning_cli(args: Sequence[str]) -> int:
 
 
 def _run_lightning_cli(args: Sequence[str]) -> None:
+    import warnings
+
+    # `main` passes the command line on explicitly; LightningCLI would warn that sys.argv is set too.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     ShrinkCLI(
         args=list(args),
         parser_kwargs={

@@ -115,7 +115,10 @@ class CompressionReport:
         except ImportError as exc:
             raise ImportError("CompressionReport.plot needs matplotlib: pip install matplotlib") from exc
 
-        sparsity = {k: v for k, v in self.history.items() if "sparsity" in k.lower() and v}
+        # Overall series only: per-layer series (``pruning/sparsity/<layer>``) would crowd the panel.
+        sparsity = {
+            k: v for k, v in self.history.items() if "sparsity" in k.rsplit("/", 1)[-1].lower() and v
+        }
         accuracy = {
             k: v for k, v in self.history.items() if "acc" in k.lower() and "sparsity" not in k.lower() and v
         }

@@ -126,6 +126,9 @@ class SequenceClassifier(pl.LightningModule):
             )
         self.save_hyperparameters(ignore=["backbone"])
         self.model = backbone if backbone is not None else load_backbone(model_name, num_labels)
+        # transformers returns pretrained models in eval mode; Lightning keeps modules' modes, so
+        # switch dropout on for training (evaluation switches to eval mode as usual).
+        self.model.train()
 
     def forward(self, **batch: Any) -> Any:
         return self.model(**batch)

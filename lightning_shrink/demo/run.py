@@ -170,14 +170,9 @@ def _trainer(
 def _pruning_callback(cfg: DemoConfig) -> Any:
     from lightning_shrink import GradualMagnitudePruning
 
-    steps = cfg.student_steps
-    end = max(1, int(0.7 * steps))
-    start = min(int(0.1 * steps), end - 1) if end > 1 else 0
+    # Fractions of the run: prune from 5 % to 70 % of the steps, then let the model recover.
     return GradualMagnitudePruning(
-        target_sparsity=cfg.sparsity,
-        start_step=start,
-        end_step=end,
-        frequency=max(1, (end - start) // 10),
+        target_sparsity=cfg.sparsity, start_step=0.05, end_step=0.7, frequency=0.02
     )
 
 
