@@ -1,0 +1,397 @@
+"""DifferentialPrivacy: accounting, clipping, Poisson sampling, refusals, budget stop, BERT."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from opacus.accountants import create_accountant
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_shrink import DifferentialPrivacy, ShrinkCallback, hookimpl, report
+from lightning_shrink.privacy.plugin import PrivacyError
+from lightning_shrink.testing.models import (
+    TinyClassifier,
+    TinyTransformerClassifier,
+    cpu_trainer,
+    random_classification_data,
+    tiny_bert,
+    token_dataloader,
+)
+
+N, BATCH = 128, 16  # sample rate 1/8
+
+
+def loader(n: int = N, batch_size: int = BATCH) -> DataLoader:
+    return DataLoader(random_classification_data(n), batch_size=batch_size, shuffle=True)
+
+
+class Recorder:
+    """Records, after the privacy plugin ran, each step's batch, gradients and epsilon."""
+
+    def __init__(self) -> None:
+        self.batches: list[Any] = []
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.summed: list[dict[str, torch.Tensor]] = []
+        self.epsilons: list[float] = []
+
+    @hookimpl
+    def shrink_train_batch_start(self, batch: Any) -> None:
+        self.batches.append(copy.deepcopy(batch))
+
+    @hookimpl(trylast=True)
+    def shrink_before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
+        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
+        self.summed.append({n: p.summed_grad.detach().clone() for n, p in pl_module.named_parameters()})
+
+    @hookimpl
+    def shrink_after_optimizer_step(self, trainer: pl.Trainer) -> None:
+        dp = next(cb for cb in trainer.callbacks if isinstance(cb, DifferentialPrivacy))
+        self.epsilons.append(dp.epsilon)
+
+
+def fit(model: pl.LightningModule, data: Any, dp: DifferentialPrivacy, recorder: Any = None, **kw: Any):
+    callbacks = [dp, *([ShrinkCallback(plugins=[recorder])] if recorder is not None else [])]
+    trainer = cpu_trainer(callbacks=callbacks, **kw)
+    trainer.fit(model, data)
+    return trainer
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(noise_multiplier=1.0, target_epsilon=3.0, epochs=1), "exactly one of `noise_multiplier`"),
+        (dict(), "neither was given"),
+        (dict(target_epsilon=3.0), "exactly one of `epochs` and `steps`"),
+        (dict(target_epsilon=3.0, epochs=1, steps=5), "exactly one of `epochs` and `steps`"),
+        (dict(noise_multiplier=1.0, epochs=2), "cannot be combined with `noise_multiplier`"),
+        (dict(noise_multiplier=1.0, max_grad_norm=0.0), "`max_grad_norm` must be > 0"),
+        (dict(noise_multiplier=1.0, max_grad_norm=-1), "`max_grad_norm` must be > 0"),
+        (dict(noise_multiplier=-0.5), "`noise_multiplier` must be >= 0"),
+        (dict(target_epsilon=0.0, steps=3), "`target_epsilon` must be > 0"),
+        (dict(noise_multiplier=1.0, delta=1.5), "`delta` must be in"),
+        (dict(noise_multiplier=1.0, accountant="moments"), "`accountant` must be one of"),
+        (dict(noise_multiplier=1.0, grad_sample_mode="fast"), "`grad_sample_mode` must be one of"),
+        (dict(noise_multiplier=1.0, loss_reduction="max"), "`loss_reduction`"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DifferentialPrivacy(**kwargs)
+
+
+def test_delta_of_one_over_n_fails_before_the_first_step() -> None:
+    model = TinyClassifier()
+    before = copy.deepcopy(model.state_dict())
+    dp = DifferentialPrivacy(noise_multiplier=1.0, delta=1.0 / N, accountant="rdp")
+    with pytest.raises(PrivacyError, match=r"`delta`=0.0078125 must be below 1/N"):
+        fit(model, loader(), dp, max_steps=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------- accounting
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_epsilon_equals_opacus_accountant_every_step(accountant: str) -> None:
+    recorder = Recorder()
+    dp = DifferentialPrivacy(noise_multiplier=1.1, delta=1e-3, accountant=accountant)
+    trainer = fit(TinyClassifier(), loader(), dp, recorder, max_steps=4)
+    reference = create_accountant(accountant)
+    expected = []
+    for _ in range(4):
+        reference.step(noise_multiplier=1.1, sample_rate=BATCH / N)
+        expected.append(reference.get_epsilon(delta=1e-3))
+    assert recorder.epsilons == expected
+    assert trainer.callback_metrics["privacy/epsilon"].item() == pytest.approx(expected[-1], rel=1e-6)
+    assert trainer.progress_bar_metrics["eps"] == pytest.approx(expected[-1], rel=1e-6)
+    rows = {r.metric: r.value for r in report(trainer).select(technique="privacy")}
+    assert rows["epsilon"] == expected[-1]
+    assert rows["delta"] == 1e-3
+    assert rows["accountant"] == accountant
+    assert rows["steps"] == 4
+    assert rows["sample rate"] == BATCH / N
+
+
+def test_data_is_poisson_sampled() -> None:
+    recorder = Recorder()
+    dp = DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp")
+    trainer = fit(TinyClassifier(), loader(), dp, recorder, max_epochs=1)
+    # One epoch is 1/q = 8 Poisson batches of random size (expected 16).
+    sizes = [len(b[1]) for b in recorder.batches]
+    assert len(sizes) == N // BATCH
+    assert len(set(sizes)) > 1
+    assert dp.plugin.steps == len(sizes)
+    assert isinstance(trainer.train_dataloader.batch_sampler, UniformWithReplacementSampler)
+
+
+# ---------------------------------------------------------------------------- clipping
+
+
+def _reference_clipped_grads(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float
+) -> tuple[dict, torch.Tensor]:
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.stack([g.reshape(len(x), -1).norm(dim=1) for g in per_sample.values()], 1).norm(dim=1)
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    clipped = {k: torch.einsum("b,b...->...", factor, g) for k, g in per_sample.items()}
+    return clipped, norms
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_every_per_sample_gradient_is_clipped_before_noise(mode: str) -> None:
+    model = TinyClassifier()
+    initial = copy.deepcopy(model)
+    recorder = Recorder()
+    clip = 0.05
+    dp = DifferentialPrivacy(
+        noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode=mode, accountant="rdp"
+    )
+    fit(model, loader(), dp, recorder, max_steps=1)
+    x, y = recorder.batches[0]
+    clipped, norms = _reference_clipped_grads(initial, x, y, clip)
+    assert (norms > clip).all()  # every example was clipped: the bound is what is being tested
+    torch.testing.assert_close(dp.plugin.last_per_sample_norms, norms, rtol=1e-4, atol=1e-6)
+    # Each example's clipped gradient has norm <= max_grad_norm...
+    assert (norms * (clip / (norms + 1e-6)).clamp(max=1.0) <= clip).all()
+    for name, expected_sum in clipped.items():
+        # ...the plugin's sum before noise is exactly the sum of the clipped examples...
+        torch.testing.assert_close(recorder.summed[0][name], expected_sum, rtol=1e-4, atol=1e-6)
+        # ...and the gradient the optimizer steps on is that sum over the expected batch size.
+        torch.testing.assert_close(recorder.grads[0][name], expected_sum / BATCH, rtol=1e-4, atol=1e-7)
+    total = torch.cat([g.flatten() for g in recorder.summed[0].values()]).norm()
+    assert total <= len(x) * clip * (1 + 1e-5)
+
+
+def test_noise_has_the_calibrated_standard_deviation() -> None:
+    recorder = Recorder()
+    dp = DifferentialPrivacy(noise_multiplier=2.0, max_grad_norm=0.5, accountant="rdp")
+    fit(TinyClassifier(hidden=64), loader(), dp, recorder, max_steps=1)
+    noise = torch.cat(
+        [(recorder.grads[0][n] * BATCH - recorder.summed[0][n]).flatten() for n in recorder.grads[0]]
+    )
+    assert noise.numel() > 5000
+    assert noise.std().item() == pytest.approx(2.0 * 0.5, rel=0.05)
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+class ManualModule(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
+class FunctionalBypass(TinyClassifier):
+    """Uses the classifier's weight outside the layer's forward: Opacus' hooks never see it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.net(x), self.classifier.weight, self.classifier.bias)
+
+
+class WithBatchNorm(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU())
+        self.classifier = nn.Linear(32, 2)
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        data = random_classification_data(32)
+        return iter([data[i] for i in range(32)])
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "trainer_kwargs", "match"),
+    [
+        (ManualModule, loader, {}, "manual optimization"),
+        (WithBatchNorm, loader, {}, r"net.1 \(BatchNorm1d\) normalizes with batch statistics"),
+        (TinyClassifier, loader, dict(accumulate_grad_batches=2), "accumulate_grad_batches=2"),
+        (TinyClassifier, lambda: DataLoader(Stream(), batch_size=8), {}, "IterableDataset"),
+    ],
+    ids=["manual", "batchnorm", "accumulation", "iterable"],
+)
+def test_runs_that_cannot_be_private_fail_before_the_first_step(model, data, trainer_kwargs, match) -> None:
+    module = model()
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(PrivacyError, match=match):
+        fit(
+            module,
+            data(),
+            DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp"),
+            max_steps=2,
+            **trainer_kwargs,
+        )
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_optimizer_missing_trainable_parameters_is_refused() -> None:
+    class Partial(TinyClassifier):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.classifier.parameters(), lr=0.1)
+
+    with pytest.raises(
+        PrivacyError, match=r"trainable parameters \['net.0.weight'.* are not in the optimizer"
+    ):
+        fit(Partial(), loader(), DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp"), max_steps=1)
+
+
+def test_functional_bypass_of_the_per_sample_engine_fails_before_any_update() -> None:
+    module = FunctionalBypass()
+    before = copy.deepcopy(module.state_dict())
+    dp = DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode="hooks", accountant="rdp")
+    with pytest.raises(PrivacyError, match="got no per-sample gradient"):
+        fit(module, loader(), dp, max_steps=2)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert dp.plugin.steps == 0
+
+
+def test_stepping_around_the_dp_optimizer_is_refused() -> None:
+    class SwapBack(pl.Callback):
+        """Puts the original optimizer back after DifferentialPrivacy took it over."""
+
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            trainer.strategy.optimizers = [trainer.optimizers[0].original_optimizer]
+
+    module = TinyClassifier()
+    before = copy.deepcopy(module.state_dict())
+    dp = DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp")
+    trainer = cpu_trainer(callbacks=[dp, SwapBack()], max_steps=2)
+    # torch runs the original optimizer's step pre-hooks (the plugin's guard) before the closure.
+    with pytest.raises(PrivacyError, match="not clipped and noised"):
+        trainer.fit(module, loader())
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_original_optimizer_refuses_unprivatized_steps() -> None:
+    class DirectStep(pl.Callback):
+        def on_train_batch_start(
+            self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+        ) -> None:
+            trainer.optimizers[0].original_optimizer.step()
+
+    dp = DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp")
+    trainer = cpu_trainer(callbacks=[dp, DirectStep()], max_steps=1)
+    with pytest.raises(PrivacyError, match="not clipped and noised"):
+        trainer.fit(TinyClassifier(), loader())
+
+
+# ---------------------------------------------------------------------------- budget
+
+
+def test_budget_stop_before_exceeding_target_epsilon() -> None:
+    dp = DifferentialPrivacy(target_epsilon=2.0, steps=6, delta=1e-3, accountant="rdp")
+    recorder = Recorder()
+    with pytest.warns(UserWarning, match=r"stopping after step \d+: epsilon=.*> target_epsilon=2.0"):
+        trainer = fit(TinyClassifier(), loader(), dp, recorder, max_epochs=5)  # Lightning plans 40 steps
+    plugin = dp.plugin
+    assert plugin.max_steps is not None and plugin.max_steps >= 6
+    assert trainer.global_step == plugin.steps == plugin.max_steps
+    assert max(recorder.epsilons) == dp.epsilon <= 2.0
+    assert plugin.epsilon_after(1) > 2.0
+    assert plugin.stop_reason is not None and f"stopping after step {plugin.steps}:" in plugin.stop_reason
+
+
+def test_target_epsilon_already_spent_fails_at_fit_start() -> None:
+    dp = DifferentialPrivacy(target_epsilon=2.0, steps=6, delta=1e-3, accountant="rdp")
+    fit(TinyClassifier(), loader(), dp, max_epochs=5)
+    with pytest.raises(PrivacyError, match="already spent"):
+        fit(TinyClassifier(), loader(), dp, max_epochs=1)
+
+
+def test_checkpoint_resume_continues_the_accounting(tmp_path) -> None:
+    dp = DifferentialPrivacy(noise_multiplier=1.0, delta=1e-3, accountant="rdp")
+    trainer = fit(TinyClassifier(), loader(), dp, max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "dp.ckpt")
+    resumed = DifferentialPrivacy(noise_multiplier=1.0, delta=1e-3, accountant="rdp")
+    trainer = cpu_trainer(callbacks=[resumed], max_epochs=2)
+    trainer.fit(TinyClassifier(), loader(), ckpt_path=tmp_path / "dp.ckpt")
+    reference = create_accountant("rdp")
+    reference.history = [(1.0, BATCH / N, 16)]
+    assert trainer.global_step == resumed.plugin.steps == 16
+    assert resumed.epsilon == reference.get_epsilon(delta=1e-3)
+
+
+# ---------------------------------------------------------------------------- transformers
+
+
+@pytest.mark.parametrize("mode", ["auto", "hooks"])
+def test_tiny_bert_trains_privately(mode: str) -> None:
+    model = TinyTransformerClassifier(tiny_bert)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dp = DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode=mode, accountant="rdp")
+    trainer = fit(model, token_dataloader(n=64, batch_size=8), dp, max_steps=2)
+    assert dp.plugin.grad_sample_mode == ("ghost" if mode == "auto" else "hooks")
+    assert dp.plugin.steps == trainer.global_step == 2
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    assert any("position_embeddings" in k for k in changed)
+    assert dp.plugin.last_per_sample_norms is not None and dp.plugin.last_per_sample_norms.shape[0] > 1
+    # the model is plain again: no per-sample attributes, no hooks
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_ghost_clipping_equals_opacus_hooks_on_bert() -> None:
+    sums = {}
+    for mode in ("hooks", "ghost"):
+        pl.seed_everything(3)
+        recorder = Recorder()
+        dp = DifferentialPrivacy(
+            noise_multiplier=0.0, max_grad_norm=0.5, grad_sample_mode=mode, accountant="rdp"
+        )
+        fit(
+            TinyTransformerClassifier(tiny_bert),
+            token_dataloader(n=64, batch_size=8),
+            dp,
+            recorder,
+            max_steps=1,
+        )
+        sums[mode] = (recorder.summed[0], dp.plugin.last_per_sample_norms)
+    torch.testing.assert_close(sums["ghost"][1], sums["hooks"][1], rtol=1e-4, atol=1e-5)
+    for name, value in sums["hooks"][0].items():
+        torch.testing.assert_close(sums["ghost"][0][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_ghost_mode_refuses_unsupported_layers() -> None:
+    class WithConv(TinyClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(1, 1, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(self.conv(x.unsqueeze(1)).squeeze(1))
+
+    dp = DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode="ghost", accountant="rdp")
+    with pytest.raises(
+        PrivacyError, match=r"no ghost clipping for the trainable layers \['conv \(Conv1d\)'\]"
+    ):
+        fit(WithConv(), loader(), dp, max_steps=1)
+    auto = DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp")
+    fit(WithConv(), loader(), auto, max_steps=1)
+    assert auto.plugin.grad_sample_mode == "hooks"
+    assert math.isfinite(auto.epsilon)
