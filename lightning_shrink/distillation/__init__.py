@@ -5,6 +5,7 @@ from lightning_shrink.distillation.callback import (
     PROJECTIONS_ATTRIBUTE,
     DistillationPlugin,
     KnowledgeDistillation,
+    Projection,
 )
 from lightning_shrink.distillation.losses import (
     attention_loss,
@@ -17,6 +18,7 @@ __all__ = [
     "PROJECTIONS_ATTRIBUTE",
     "DistillationPlugin",
     "KnowledgeDistillation",
+    "Projection",
     "TeacherLogitCache",
     "attention_loss",
     "hidden_cosine_loss",

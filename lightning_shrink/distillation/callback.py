@@ -24,7 +24,7 @@ from lightning_shrink.distillation.teacher import (
 )
 from lightning_shrink.hookspecs import hookimpl
 
-__all__ = ["PROJECTIONS_ATTRIBUTE", "DistillationPlugin", "KnowledgeDistillation"]
+__all__ = ["PROJECTIONS_ATTRIBUTE", "DistillationPlugin", "KnowledgeDistillation", "Projection"]
 
 #: Name under which the learned projections are registered on the LightningModule during ``fit``.
 PROJECTIONS_ATTRIBUTE = "distill_projections"
@@ -62,6 +62,31 @@ def _check_layer_map(name: str, layer_map: Any, ints_only: bool) -> dict[LayerKe
             kinds = "integer layer indices" if ints_only else "both integer indices or both submodule names"
             raise ValueError(f"KnowledgeDistillation: `{name}` entry {s!r}: {t!r} must be {kinds}")
     return dict(layer_map)
+
+
+class Projection(nn.Module):
+    """The learned linear map from a student layer's width to the teacher's (``y = x W^T + b``).
+
+    Deliberately not an ``nn.Linear``: it is a training aid that exists only during ``fit``, and
+    compression techniques that select layers by type (pruning, quantization) must not touch it.
+    Initialized like ``nn.Linear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(in_features) if in_features > 0 else 0.0
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 def _projection_key(student_layer: LayerKey) -> str:
@@ -291,7 +316,9 @@ class DistillationPlugin:
     def _int_layers(self) -> bool:
         return any(isinstance(k, int) for k in self.config.layer_map)
 
-    @hookimpl
+    # trylast: plugins that swap modules (quantization) do it first, so the hooks and projections
+    # made here attach to the final modules.
+    @hookimpl(trylast=True)
     def shrink_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         bridge = ShrinkCallback.find(trainer)
         if bridge is not None:
@@ -404,7 +431,7 @@ class DistillationPlugin:
                 s_width = self._width(self.student_module, s_key, "student")
                 t_width = self._width(self.teacher_target, t_key, "teacher")
                 if s_width != t_width:
-                    projections[_projection_key(s_key)] = nn.Linear(s_width, t_width)
+                    projections[_projection_key(s_key)] = Projection(s_width, t_width)
             if not len(projections):
                 return
             # Projections are training aids: their weights travel in the plugin's checkpoint state,
