@@ -1,0 +1,126 @@
+"""DifferentialPrivacy under real DDP (``devices=2`` on CPU, one subprocess run, two fits)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import create_accountant
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+
+from lightning_shrink.testing.models import TinyClassifier
+
+N, BATCH, WORLD = 128, 8, 2  # sample rate 8 * 2 / 128 = 1/8
+
+SCRIPT = textwrap.dedent(
+    """
+    import copy, sys
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+    from lightning_shrink import DifferentialPrivacy, ShrinkCallback, hookimpl
+    from lightning_shrink.testing.models import TinyClassifier, random_classification_data
+
+    out, N, BATCH = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+    class Recorder:
+        def __init__(self):
+            self.batches, self.grads, self.optimizer = [], [], []
+
+        @hookimpl
+        def shrink_train_batch_start(self, batch):
+            self.batches.append([t.clone() for t in batch])
+
+        @hookimpl(trylast=True)
+        def shrink_before_optimizer_step(self, pl_module, optimizer):
+            self.optimizer = [c.__name__ for c in type(optimizer).__mro__]
+            self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+
+    def run(noise, steps, mode):
+        pl.seed_everything(0)
+        model = TinyClassifier()
+        initial = copy.deepcopy(model.state_dict())
+        recorder = Recorder()
+        dp = DifferentialPrivacy(noise_multiplier=noise, max_grad_norm=0.1, delta=1e-3,
+                                 accountant="rdp", grad_sample_mode=mode)
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=steps, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[dp, ShrinkCallback(plugins=[recorder])])
+        data = DataLoader(random_classification_data(N), batch_size=BATCH, shuffle=True)
+        trainer.fit(model, data)
+        return dict(
+            rank=trainer.global_rank, initial=initial, final=model.state_dict(), batches=recorder.batches,
+            grads=recorder.grads, epsilon=dp.epsilon, steps=dp.plugin.steps, global_step=trainer.global_step,
+            sample_rate=dp.plugin.sample_rate, sampler=type(trainer.train_dataloader.batch_sampler).__name__,
+            optimizer=recorder.optimizer,
+        )
+
+    results = [run(0.0, 1, "ghost"), run(1.0, 3, "hooks")]
+    torch.save(results, f"{out}/rank{results[0]['rank']}.pt")
+    """
+)
+
+
+def _clipped_sum(state: dict, x: torch.Tensor, y: torch.Tensor, clip: float) -> dict[str, torch.Tensor]:
+    model = TinyClassifier()
+    model.load_state_dict(state)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.stack([g.reshape(len(x), -1).norm(dim=1) for g in per_sample.values()], 1).norm(dim=1)
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return {k: torch.einsum("b,b...->...", factor, g) for k, g in per_sample.items()}
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_poisson_sampling_clipping_noise_and_accounting(tmp_path: Path) -> None:
+    script = tmp_path / "privacy_ddp.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "LIGHTNING_SHRINK_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(N), str(BATCH)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+    # --- fit 1: noise 0, one step, ghost engine: the all-reduced gradient is the clipped sum over
+    # both ranks' Poisson batches divided by the expected global batch size.
+    first = [r[0] for r in ranks]
+    assert all("DistributedDPOptimizer" in r["optimizer"] for r in first)
+    assert all(r["sampler"] == "_DistributedPoissonSampler" for r in first)
+    assert all(r["sample_rate"] == BATCH * WORLD / N for r in first)
+    x = torch.cat([r["batches"][0][0] for r in first])
+    y = torch.cat([r["batches"][0][1] for r in first])
+    assert len(x) > 0
+    reference = _clipped_sum(first[0]["initial"], x, y, clip=0.1)
+    for r in first:
+        for name, value in reference.items():
+            torch.testing.assert_close(r["grads"][0][name], value / (BATCH * WORLD), rtol=1e-4, atol=1e-7)
+
+    # --- fit 2: noise 1, three steps, Opacus hooks: ranks draw different batches, end with identical
+    # weights (noise drawn on rank 0, then all-reduced), and spend what Opacus' accountant says.
+    second = [r[1] for r in ranks]
+    sizes = [[len(b[1]) for b in r["batches"]] for r in second]
+    assert sizes[0] != sizes[1] or not torch.equal(second[0]["batches"][0][0], second[1]["batches"][0][0])
+    for name, value in second[0]["final"].items():
+        assert torch.equal(value, second[1]["final"][name]), name
+        assert not torch.equal(value, second[0]["initial"][name]), name
+    accountant = create_accountant("rdp")
+    for _ in range(3):
+        accountant.step(noise_multiplier=1.0, sample_rate=BATCH * WORLD / N)
+    for r in second:
+        assert r["steps"] == r["global_step"] == 3
+        assert r["epsilon"] == accountant.get_epsilon(delta=1e-3)
