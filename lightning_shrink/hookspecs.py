@@ -333,6 +333,20 @@ def shrink_load(tensors: MutableMapping[str, torch.Tensor], metadata: Mapping[st
 
 
 @hookspec
+def shrink_load_model(model: nn.Module, metadata: Mapping[str, Any]) -> None:
+    """Give a rebuilt model the compressed module structure its exported tensors belong to.
+
+    Called by :func:`lightning_shrink.load` after the architecture was rebuilt with its original
+    (float) layers and after ``shrink_load`` decoded the tensors, **before** the tensors are loaded
+    into the model with ``strict=True``. Quantization puts its int8 layers back here (their
+    state holds int8 weights and scales, not float weights).
+
+    :param model: The rebuilt model; modify it in place.
+    :param metadata: The export's ``shrink_config.json``.
+    """
+
+
+@hookspec
 def shrink_report_rows(trainer: pl.Trainer | None, model: nn.Module) -> Sequence[ReportRow] | None:
     """Return rows for the compression report.
 

@@ -47,6 +47,7 @@ ENTRY_POINT_GROUP = "lightning_shrink"
 #: configured parts of a technique are registered by its callback.
 BUILTIN_PLUGINS: dict[str, str] = {
     "core": "lightning_shrink._core",
+    "int8": "lightning_shrink.quantization.hooks",
     "pruning-export": "lightning_shrink.pruning.export",
 }
 

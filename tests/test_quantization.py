@@ -18,8 +18,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_shrink as ls
-from lightning_shrink.quantization import Int8Conv, Int8Embedding, Int8Linear, is_converted, is_prepared
-from lightning_shrink.quantization import _kernels
+from lightning_shrink.quantization import (
+    Int8Conv,
+    Int8Embedding,
+    Int8Linear,
+    _kernels,
+    is_prepared,
+)
 from lightning_shrink.quantization.fake_quant import (
     fake_quantize_activation_per_token,
     fake_quantize_activation_static,
@@ -140,8 +145,8 @@ def test_selected_layers_that_cannot_be_quantized_fail_at_setup():
         ls.quantization.prepare_qat(nn.Sequential(mha), modules=["0.out_proj"])
 
 
-def test_convert_of_a_never_prepared_model_is_an_error():
-    with pytest.raises(ValueError, match="nothing to convert.*QuantizationAwareTraining"):
+def test_shrink_convert_refuses_a_never_prepared_model():
+    with pytest.raises(ValueError, match=r"nothing to convert.*QuantizationAwareTraining"):
         ls.convert(tiny_bert())
 
 
