@@ -47,7 +47,7 @@ class ShrinkCLI(LightningCLI):
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
-        if trainer.log_dir is not None:
+        if trainer.loggers and trainer.log_dir is not None:
             rep = save_report(trainer)
             where = f" (written to {trainer.log_dir})"
         else:

@@ -116,9 +116,7 @@ class CompressionReport:
             raise ImportError("CompressionReport.plot needs matplotlib: pip install matplotlib") from exc
 
         # Overall series only: per-layer series (``pruning/sparsity/<layer>``) would crowd the panel.
-        sparsity = {
-            k: v for k, v in self.history.items() if "sparsity" in k.rsplit("/", 1)[-1].lower() and v
-        }
+        sparsity = {k: v for k, v in self.history.items() if "sparsity" in k.rsplit("/", 1)[-1].lower() and v}
         accuracy = {
             k: v for k, v in self.history.items() if "acc" in k.lower() and "sparsity" not in k.lower() and v
         }
@@ -326,13 +324,13 @@ def save_report(
     given.
 
     Raises:
-        ValueError: no ``directory`` was given and the trainer has no logger directory.
+        ValueError: no ``directory`` was given and the trainer has no logger.
     """
-    target = directory if directory is not None else trainer.log_dir
+    target = directory
     if target is None:
-        raise ValueError(
-            "save_report: the trainer has no logger (trainer.log_dir is None); pass `directory=`"
-        )
+        if not trainer.loggers or trainer.log_dir is None:
+            raise ValueError("save_report: the trainer has no logger, so no log directory; pass `directory=`")
+        target = trainer.log_dir
     rep = report(trainer, model)
     rep.rows.extend(extra_rows)
     rep.history = dict(history) if history is not None else metric_history(trainer)
