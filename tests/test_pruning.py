@@ -406,3 +406,43 @@ def test_sparse_export_round_trip_through_the_hooks():
     assert set(tensors) == {"a.weight", "b.weight", "c.q", "d"}
     for name, ref in {"a.weight": sparse, "b.weight": dense, "c.q": int8, "d": bf16}.items():
         assert tensors[name].dtype == ref.dtype and torch.equal(tensors[name], ref), name
+
+
+def test_selection_by_name_type_and_parameter():
+    from lightning_shrink.pruning.selection import select_targets
+
+    model = TinyTransformerClassifier(tiny_bert())
+    base = dict(
+        module_types=None,
+        modules=None,
+        exclude_modules=(),
+        parameter_names=("weight",),
+        prune_output_layer=False,
+        scope="global",
+        target_sparsity=0.5,
+        sparsity_overrides={},
+    )
+    default = {t.name for t in select_targets(model, **base)}
+    assert len(default) == 2 * 6 + 1  # 6 Linear per layer + pooler; classifier excluded
+    with_head = {t.name for t in select_targets(model, **{**base, "prune_output_layer": True})}
+    assert with_head == default | {"model.classifier.weight"}
+    only = select_targets(
+        model, **{**base, "modules": ["*.attention.self.*"], "exclude_modules": ["*.value"], "scope": "layer"}
+    )
+    assert {t.name.split(".")[-2] for t in only} == {"query", "key"} and len({t.group for t in only}) == 4
+    emb = select_targets(
+        model, **{**base, "module_types": (nn.Embedding,), "parameter_names": ("weight", "bias")}
+    )
+    assert {t.name.split(".")[-2] for t in emb} == {
+        "word_embeddings",
+        "position_embeddings",
+        "token_type_embeddings",
+    }
+    overrides = select_targets(model, **{**base, "sparsity_overrides": {"*.intermediate.dense": 0.9}})
+    inter = [t for t in overrides if "intermediate" in t.name]
+    assert inter and all(t.final_sparsity == 0.9 and t.group == t.name for t in inter)
+    assert {t.group for t in overrides if t not in inter} == {"__global__"}
+    with pytest.raises(ValueError, match="sparsity_overrides"):
+        select_targets(model, **{**base, "sparsity_overrides": {"*.nothing": 0.9}})
+    model.model.bert.encoder.requires_grad_(False)  # frozen parameters are never pruned
+    assert {t.name for t in select_targets(model, **base)} == {"model.bert.pooler.dense.weight"}

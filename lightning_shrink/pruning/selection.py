@@ -102,7 +102,9 @@ def select_targets(
     output_layer = None
     if modules is None and not prune_output_layer:
         trainable = [
-            (n, m) for n, m in candidates if any(p.requires_grad for p in m.parameters(recurse=False))
+            (n, m)
+            for n, m in candidates
+            if not isinstance(m, nn.Embedding) and any(p.requires_grad for p in m.parameters(recurse=False))
         ]
         if trainable:
             output_layer = trainable[-1][0]
