@@ -395,3 +395,25 @@ def test_qat_under_ddp_two_processes(tmp_path):
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)
     assert ranks[0]["observed"] == ranks[1]["observed"]
     assert ranks[0]["fake_quant_weight_sum"] == pytest.approx(ranks[1]["fake_quant_weight_sum"], rel=1e-9)
+
+
+def test_int4_grouped_weights_convert_and_export(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+    qat = ls.QuantizationAwareTraining(weight_bits=4, group_size=8)
+    ls.quantization.prepare_qat(model, qat.settings)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        expected = model(x)
+        converted = ls.convert(model)
+        got = converted(x)
+    first = converted[0]
+    assert isinstance(first, Int8Linear) and first.weight_scale.shape == (16, 4)
+    assert int(first.weight.abs().max()) <= 7
+    torch.testing.assert_close(got, expected, atol=REFERENCE_TOLERANCE, rtol=0)
+    loaded = ls.load(
+        ls.export(converted, tmp_path / "int4"),
+        model=nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)),
+    )
+    with torch.no_grad():
+        assert torch.equal(loaded(x), got)
