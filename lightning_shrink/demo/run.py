@@ -404,9 +404,9 @@ def _run(
 
     # 3. Convert and export.
     model = student.model
-    say("converting to the inference form" + (" (real int8 layers)" if "quantization" in techniques else ""))
-    converted = lightning_shrink.convert(model)
-    model = converted if converted is not None else model
+    if "quantization" in techniques:
+        say("converting to the inference form (real int8 layers)")
+        model = lightning_shrink.convert(model)
     export_dir = out / "model"
     say(f"exporting to {export_dir.name}/")
     lightning_shrink.export(model, export_dir)
