@@ -57,7 +57,7 @@ def pack(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -
 
     Returns ``None`` when the reference path is to be used.
     """
-    if kernel_name() == "reference":
+    if kernel_name() == "reference" or weight.device.type != "cpu":
         return None
     try:
         with warnings.catch_warnings():  # "quantized tensor creation functions are deprecated"

@@ -65,8 +65,10 @@ def weight_scale(
 
 
 def _round_symmetric(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    # ``scale`` broadcasts against ``x``; float32 arithmetic whatever ``x``'s dtype.
-    out = torch.mul(x, scale.reciprocal()).round_().clamp_(-qmax, qmax).mul_(scale)
+    # ``scale`` broadcasts against ``x``; float32 arithmetic whatever ``x``'s dtype. The scale is
+    # the tensor's own max over ``qmax``, so ``|x / scale| <= qmax`` up to one rounding error and
+    # ``round`` already lands in ``[-qmax, qmax]``: no clamp pass is needed.
+    out = torch.mul(x, scale.reciprocal()).round_().mul_(scale)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 

@@ -105,7 +105,7 @@ class _FakeQuantMixin:
         if s.activations == "static":
             if s.observer_enabled and self.training:
                 self._observe(x)
-            if not s.fake_quant_enabled or not bool(torch.isfinite(self.input_min)):
+            if not s.fake_quant_enabled or not self._observed():
                 return x
             scale, zero_point = static_qparams(self.input_min, self.input_max)
             return fake_quantize_activation_static(x, scale, zero_point)
@@ -116,6 +116,18 @@ class _FakeQuantMixin:
         lo, hi = torch.aminmax(x.detach())
         scale, zero_point = static_qparams(lo, hi)
         return fake_quantize_activation_static(x, scale, zero_point)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__.pop("_shrink_observed", None)  # the loaded range decides
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _observed(self) -> bool:
+        # One device sync per layer until the first range exists, then a Python flag.
+        if self.__dict__.get("_shrink_observed"):
+            return True
+        observed = bool(torch.isfinite(self.input_min))
+        self.__dict__["_shrink_observed"] = observed
+        return observed
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
@@ -276,6 +288,7 @@ def unprepare_module(module: nn.Module) -> None:
     """Restore a prepared layer's float class (its parameters are untouched)."""
     module.__class__ = module.__dict__.pop(_FLOAT_CLASS)
     module.__dict__.pop(_SETTINGS, None)
+    module.__dict__.pop("_shrink_observed", None)
     for name in ("input_min", "input_max"):
         module._buffers.pop(name, None)
 
@@ -345,10 +358,14 @@ class Int8Linear(_Int8Base):
             self.register_buffer("input_scale", torch.tensor(1.0))
             self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
         self._packed: Any = None
-        self._register_load_state_dict_pre_hook(lambda *a, **k: self._invalidate())
 
-    def _invalidate(self) -> None:
-        self._packed = None
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._packed = None  # new weights: repack on the next forward
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Int8Linear:
+        self._packed = None  # moved or cast: repack on the next forward
+        return super()._apply(fn, recurse)
 
     def config(self) -> dict[str, Any]:
         return dict(
