@@ -10,6 +10,8 @@ ghost clipping avoids that but needs the per-example losses and a second backwar
   Li et al. 2022): ``||b_i^T a_i||^2 = sum_{t,s} (a_it . a_is)(b_it . b_is)``, or from the
   materialized ``b_i^T a_i`` when that is cheaper (short sequences); embeddings use
   ``sum_{t,s} [id_it = id_is] (b_it . b_is)``, layer norms their small per-example gradients;
+* autograd does not compute the weight gradients of linear layers whose input carries the gradient
+  (the parameters leave the graph for the call), since book-keeping computes them, clipped;
 * with the clip factors ``c_i = min(1, C / (||g_i|| + 1e-6))`` (Opacus' formula), the clipped sum is
   one matrix product per layer, ``sum_i c_i b_i^T a_i = (c * b)^T a``, the size of the ordinary
   weight gradient; it is stored in ``p.summed_grad`` where Opacus' ``DPOptimizer`` adds the noise.
@@ -63,16 +65,41 @@ class GhostClippingEngine:
 
     name = "ghost"
 
-    def __init__(self, model: nn.Module, loss_reduction: str = "mean") -> None:
+    def __init__(
+        self, model: nn.Module, loss_reduction: str = "mean", skip_weight_grads: bool = True
+    ) -> None:
         self.loss_reduction = loss_reduction
+        self.skip_weight_grads = skip_weight_grads
         self.layers = [m for m in model.modules() if _trainable_direct(m)]
         self.acts: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
         self.grads: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self.layers]
+        if skip_weight_grads:
+            self._handles += [
+                m.register_forward_pre_hook(self._detach_weights)
+                for m in self.layers
+                if isinstance(m, nn.Linear)
+            ]
+        self._detached: dict[nn.Module, list[nn.Parameter]] = {}
 
     # ------------------------------------------------------------------ capture
 
+    def _detach_weights(self, module: nn.Module, args: tuple) -> None:
+        # Book-keeping computes the (clipped) weight gradients itself: when the layer's input carries
+        # the gradient on, autograd need not compute them a second time. The parameters leave the
+        # graph for this call only; ``requires_grad`` is restored right after the forward.
+        if not module.training or not torch.is_grad_enabled() or not args:
+            return
+        if not isinstance(args[0], torch.Tensor) or not args[0].requires_grad:
+            return
+        params = _trainable_direct(module)
+        for p in params:
+            p.requires_grad_(False)
+        self._detached[module] = params
+
     def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        for p in self._detached.pop(module, ()):
+            p.requires_grad_(True)
         if not module.training or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
             return
         if not output.requires_grad:
@@ -92,6 +119,10 @@ class GhostClippingEngine:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for params in self._detached.values():
+            for p in params:
+                p.requires_grad_(True)
+        self._detached.clear()
         self.reset()
 
     # ------------------------------------------------------------------ clipping

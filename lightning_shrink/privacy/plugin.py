@@ -247,7 +247,7 @@ class PrivacyPlugin:
         self._check_model(pl_module)
         self._take_over_data(trainer)
         self._calibrate(trainer)
-        self._attach_engine(pl_module)
+        self._attach_engine(trainer, pl_module)
         self._wrap_optimizers(trainer, pl_module)
         self._warn_compositions(trainer)
         rank_zero_info(
@@ -443,7 +443,7 @@ class PrivacyPlugin:
             )
         self.max_steps = self.steps + remaining
 
-    def _attach_engine(self, pl_module: pl.LightningModule) -> None:
+    def _attach_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mode = self.config.grad_sample_mode
         from lightning_shrink.privacy import ghost
 
@@ -456,7 +456,11 @@ class PrivacyPlugin:
                     f"{_PREFIX}(grad_sample_mode='ghost'): no ghost clipping for the trainable layers "
                     f"{unsupported}; use grad_sample_mode='hooks' (Opacus)"
                 )
-            self._engine = ghost.GhostClippingEngine(pl_module, self.config.loss_reduction)
+            # Under DDP every trainable parameter must get an autograd gradient (DDP's reducer waits
+            # for it), so linear weights stay in the graph there.
+            self._engine = ghost.GhostClippingEngine(
+                pl_module, self.config.loss_reduction, skip_weight_grads=trainer.world_size == 1
+            )
         else:
             self._engine = _HooksEngine(pl_module, self.config.loss_reduction)
         self.grad_sample_mode = mode
