@@ -246,7 +246,7 @@ class PruningPlugin:
         self._restored: Mapping[str, Any] | None = None
         self._started = False
         self._layers_pending = False
-        self._active: list[int] = []
+        self._active: list[tuple[int, torch.Tensor]] = []
         self._comm = Comm()
         self._replicated_world = 1
 
@@ -398,14 +398,11 @@ class PruningPlugin:
             if not self.targets:
                 return
             self._start(trainer)
-        grads, masks = [], []
-        for i in self._active:
-            grad = self.params[i].grad
-            if grad is not None:
-                grads.append(local_tensor(grad))
-                masks.append(self.keeps[i])
-        if grads:
-            torch._foreach_mul_(grads, masks)
+        with torch.no_grad():
+            for i, pruned in self._active:
+                grad = self.params[i].grad
+                if grad is not None:
+                    local_tensor(grad).masked_fill_(pruned, 0)
 
     @hookimpl
     def shrink_after_optimizer_step(self, trainer: pl.Trainer) -> None:
@@ -417,12 +414,11 @@ class PruningPlugin:
         self._apply(self.params)
 
     def _apply(self, params: Sequence[torch.Tensor]) -> None:
-        if not self._active:
-            return
+        # One in-place masked_fill_ per pruned parameter: same-dtype and vectorized (a multiply by
+        # a bool mask takes PyTorch's slower casting path; float masks cost 4x the memory).
         with torch.no_grad():
-            torch._foreach_mul_(
-                [local_tensor(params[i]) for i in self._active], [self.keeps[i] for i in self._active]
-            )
+            for i, pruned in self._active:
+                local_tensor(params[i]).masked_fill_(pruned, 0)
 
     def _update(self, trainer: pl.Trainer, step: int) -> None:
         """Recompute the masks for ``step``."""
@@ -481,7 +477,8 @@ class PruningPlugin:
         self.sparsity = int(pruned.sum()) / sum(totals)
         assert self.schedule is not None
         self.target_now = self.schedule.sparsity(step) if step >= self.schedule.start else 0.0
-        self._active = [i for i, k in enumerate(self.keeps) if not bool(k.all())]
+        # (index, pruned-mask) of the parameters that have pruned weights: what is enforced each step.
+        self._active = [(i, ~k) for i, k in enumerate(self.keeps) if not bool(k.all())]
 
     def _zero_optimizer_state(self, trainer: pl.Trainer) -> None:
         if not self._active:
@@ -489,16 +486,15 @@ class PruningPlugin:
         with torch.no_grad():
             for optimizer in trainer.optimizers:
                 state = optimizer.state
-                for i in self._active:
+                for i, pruned in self._active:
                     entry = state.get(self.params[i])
                     if not entry:
                         continue
-                    keep = self.keeps[i]
                     for value in entry.values():
                         if isinstance(value, torch.Tensor):
                             local = local_tensor(value)
-                            if local.shape == keep.shape:
-                                local.mul_(keep)
+                            if local.shape == pruned.shape:
+                                local.masked_fill_(pruned, 0)
 
     # ------------------------------------------------------------------ visibility
 
