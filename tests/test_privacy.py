@@ -58,8 +58,19 @@ class Recorder:
         self.epsilons.append(dp.epsilon)
 
 
-def fit(model: pl.LightningModule, data: Any, dp: DifferentialPrivacy, recorder: Any = None, **kw: Any):
-    callbacks = [dp, *([ShrinkCallback(plugins=[recorder])] if recorder is not None else [])]
+def fit(
+    model: pl.LightningModule,
+    data: Any,
+    dp: DifferentialPrivacy,
+    recorder: Any = None,
+    callbacks_extra: tuple = (),
+    **kw: Any,
+):
+    callbacks = [
+        dp,
+        *callbacks_extra,
+        *([ShrinkCallback(plugins=[recorder])] if recorder is not None else []),
+    ]
     trainer = cpu_trainer(callbacks=callbacks, **kw)
     trainer.fit(model, data)
     return trainer
@@ -395,3 +406,36 @@ def test_ghost_mode_refuses_unsupported_layers() -> None:
     fit(WithConv(), loader(), auto, max_steps=1)
     assert auto.plugin.grad_sample_mode == "hooks"
     assert math.isfinite(auto.epsilon)
+
+
+# ---------------------------------------------------------------------------- composition
+
+
+def test_composes_with_distillation_and_pruning_and_warns_about_the_teacher() -> None:
+    from lightning_shrink import GradualMagnitudePruning, KnowledgeDistillation
+
+    sums = {}
+    for mode in ("hooks", "ghost"):
+        pl.seed_everything(0)
+        teacher = TinyClassifier()
+        recorder = Recorder()
+        dp = DifferentialPrivacy(
+            noise_multiplier=0.0, max_grad_norm=0.1, grad_sample_mode=mode, accountant="rdp"
+        )
+        extra = (
+            KnowledgeDistillation(teacher),
+            GradualMagnitudePruning(target_sparsity=0.5, end_step=2, frequency=1),
+        )
+        model = TinyClassifier()
+        with pytest.warns(UserWarning, match="teacher did not see the private training data"):
+            trainer = fit(model, loader(), dp, recorder, callbacks_extra=extra, max_steps=3)
+        sums[mode] = recorder.summed[0]
+        assert dp.plugin.steps == 3
+        # pruning's masks act after the noise (privacy runs first): the pruned weights stay exactly zero
+        assert trainer.callback_metrics["pruning/sparsity"].item() == pytest.approx(0.5, abs=0.01)
+        pruned = [p for n, p in model.named_parameters() if n.endswith("weight") and n != "classifier.weight"]
+        zeros = sum(int((p == 0).sum()) for p in pruned) / sum(p.numel() for p in pruned)
+        assert zeros == pytest.approx(0.5, abs=0.01)
+    # the distillation term goes through per-example clipping identically in both engines
+    for name, value in sums["hooks"].items():
+        torch.testing.assert_close(sums["ghost"][name], value, rtol=1e-4, atol=1e-6, msg=name)
