@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -102,6 +104,15 @@ def test_bad_arguments_fail_at_construction(kwargs: dict, match: str) -> None:
         DifferentialPrivacy(**kwargs)
 
 
+def test_missing_opacus_is_a_clear_import_error_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    code = "import sys; import lightning_shrink; print('opacus' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False"  # `import lightning_shrink` does not import it
+    monkeypatch.setitem(sys.modules, "opacus", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r'pip install "lightning-shrink\[privacy\]"'):
+        DifferentialPrivacy(noise_multiplier=1.0)
+
+
 def test_delta_of_one_over_n_fails_before_the_first_step() -> None:
     model = TinyClassifier()
     before = copy.deepcopy(model.state_dict())
@@ -114,10 +125,15 @@ def test_delta_of_one_over_n_fails_before_the_first_step() -> None:
 # ---------------------------------------------------------------------------- accounting
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "gdp"])
+@pytest.mark.filterwarnings("ignore:.*GDP accounting is experimental")
 def test_epsilon_equals_opacus_accountant_every_step(accountant: str) -> None:
     recorder = Recorder()
-    dp = DifferentialPrivacy(noise_multiplier=1.1, delta=1e-3, accountant=accountant)
+    if accountant == "gdp":
+        with pytest.warns(UserWarning, match="'gdp' accountant is asymptotic"):
+            dp = DifferentialPrivacy(noise_multiplier=1.1, delta=1e-3, accountant=accountant)
+    else:
+        dp = DifferentialPrivacy(noise_multiplier=1.1, delta=1e-3, accountant=accountant)
     trainer = fit(TinyClassifier(), loader(), dp, recorder, max_steps=4)
     reference = create_accountant(accountant)
     expected = []
@@ -298,6 +314,26 @@ def test_stepping_around_the_dp_optimizer_is_refused() -> None:
     with pytest.raises(PrivacyError, match="not clipped and noised"):
         trainer.fit(module, loader())
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_learning_rate_scheduler_still_drives_the_wrapped_optimizer() -> None:
+    class Scheduled(TinyClassifier):
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)}
+
+    class LrLog(pl.Callback):
+        lrs: list[float] = []
+
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    log = LrLog()
+    dp = DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp")
+    trainer = cpu_trainer(callbacks=[dp, log], max_epochs=2)
+    trainer.fit(Scheduled(), loader())
+    assert dp.plugin.steps == 16
+    assert log.lrs[0] == 0.1 and log.lrs[-1] == pytest.approx(0.05)
 
 
 def test_original_optimizer_refuses_unprivatized_steps() -> None:
