@@ -19,7 +19,8 @@ std ``noise_multiplier * 1`` on the sum. The batch carries per-example ``positio
 plugin adds itself in a Trainer). Also measured once: the privacy accountants' time per epsilon
 query (the plugin makes one per step for the ``privacy/epsilon`` metric), and, as a check, the
 largest difference between the clipped gradient sums of ``opacus hooks`` and ``lightning-shrink
-ghost`` on the same batch.
+ghost`` on the same batch. Finally, real ``Trainer.fit`` steps, plain and with
+``DifferentialPrivacy`` (everything included: Poisson loader, hooks, accountant query).
 
 Usage::
 
@@ -175,6 +176,83 @@ class Variant:
         return sums
 
 
+def trainer_steps(base: nn.Module, rounds: int, steps: int, seq: int) -> dict[str, Any]:
+    """Real ``Trainer.fit`` steps, plain and with ``DifferentialPrivacy`` (defaults: ghost engine, prv
+    accountant, Poisson sampling), timed between consecutive ``on_train_batch_start`` calls (so the
+    data loading, the privacy hooks and the per-step epsilon query are included); the first step of
+    every fit is dropped. The DP batches are Poisson-sampled: their mean size is recorded."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, Dataset
+
+    from lightning_shrink import DifferentialPrivacy
+
+    class Tokens(Dataset):
+        def __init__(self, n: int) -> None:
+            g = torch.Generator().manual_seed(0)
+            self.ids = torch.randint(1000, base.config.vocab_size, (n, seq), generator=g)
+            self.labels = torch.randint(0, 2, (n,), generator=g)
+
+        def __len__(self) -> int:
+            return len(self.labels)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids = self.ids[i]
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.labels[i]}
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = copy.deepcopy(base)
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return self.model(**batch).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=LR)
+
+    class Clock(pl.Callback):
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+            self.sizes: list[int] = []
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            self.starts.append(time.perf_counter())
+            self.sizes.append(len(batch["labels"]))
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            self.starts.append(time.perf_counter())
+
+    times: dict[str, list[float]] = {"plain": [], "DifferentialPrivacy": []}
+    sizes: list[int] = []
+    for round_ in range(rounds):
+        order = list(times) if round_ % 2 == 0 else list(reversed(times))
+        for name in order:
+            clock = Clock()
+            callbacks: list[Any] = [clock]
+            if name != "plain":
+                callbacks.append(DifferentialPrivacy(noise_multiplier=NOISE, max_grad_norm=CLIP))
+            trainer = pl.Trainer(
+                accelerator="cpu",
+                max_steps=steps + 1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=callbacks,
+            )
+            trainer.fit(Module(), DataLoader(Tokens(16 * 50), batch_size=16, shuffle=True))
+            times[name] += [b - a for a, b in zip(clock.starts[1:-1], clock.starts[2:], strict=True)]
+            if name != "plain":
+                sizes += clock.sizes[1:]
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    return {
+        "median_step_s": median,
+        "ratio_to_plain": {name: median[name] / median["plain"] for name in median},
+        "steps_timed": {name: len(ts) for name, ts in times.items()},
+        "dp_mean_batch_size": statistics.mean(sizes),
+    }
+
+
 def accountant_query_s(name: str, steps: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -226,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     median = {name: statistics.median(ts) for name, ts in times.items()}
     ratio = {name: median[name] / median["plain"] for name in names}
+    trainer_results = trainer_steps(base, 1 if args.quick else 2, 2 if args.quick else 5, 64)
     accountants = {
         name: accountant_query_s(name, 125, 3 if args.quick else 5) for name in ("prv", "rdp", "gdp")
     }
@@ -250,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "clipped_sum_max_abs_diff_hooks_vs_ghost": max_diff,
         "clipped_sum_max_abs_value": max_norm,
         "accountant_query_s_at_125_steps": accountants,
+        "trainer_fit": trainer_results,
         "torch": torch.__version__,
         "lightning": lightning.__version__,
     }
@@ -277,6 +357,19 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for name, seconds in results["median_step_s"].items():
         lines.append(f"| {name} | {seconds:.3f} | {results['ratio_to_plain'][name]:.2f}x |")
+    fit = results.get("trainer_fit")
+    lines += (
+        []
+        if fit is None
+        else [
+            "",
+            f"In `Trainer.fit` (Poisson batches of mean size {fit['dp_mean_batch_size']:.1f}, ghost engine, "
+            "prv accountant queried every step, data loading included; median of "
+            f"{fit['steps_timed']['plain']} steps): plain {fit['median_step_s']['plain']:.3f} s, "
+            f"DifferentialPrivacy {fit['median_step_s']['DifferentialPrivacy']:.3f} s "
+            f"({fit['ratio_to_plain']['DifferentialPrivacy']:.2f}x).",
+        ]
+    )
     acc = results["accountant_query_s_at_125_steps"]
     lines += [
         "",
