@@ -69,7 +69,10 @@ GOAL_SPEEDUP = 2.1
 def _callbacks(name: str, teacher: torch.nn.Module, sparsity: float) -> list[Any]:
     callbacks: list[Any] = []
     if "sparse" in name:
-        callbacks.append(GradualMagnitudePruning(sparsity, start_step=0.05, end_step=0.7, frequency=0.02))
+        # scope="layer": a global threshold prunes MiniLM's (untrained, small) pooler to 100 %.
+        callbacks.append(
+            GradualMagnitudePruning(sparsity, start_step=0.05, end_step=0.7, frequency=0.02, scope="layer")
+        )
     if "int8" in name:
         callbacks.append(QuantizationAwareTraining(weight_bits=8, activations="dynamic"))
     if "kd" in name:
@@ -78,7 +81,20 @@ def _callbacks(name: str, teacher: torch.nn.Module, sparsity: float) -> list[Any
 
 
 def _fit(model: pl.LightningModule, loader: Any, steps: int, callbacks: list[Any], accelerator: str) -> float:
+    strategy: Any = "auto"
+    if accelerator not in ("cpu", "auto"):
+        # Lightning moves the model to the CPU in its teardown, before `on_fit_end`; pruning's
+        # fit-end mask application then meets CPU weights and GPU masks. Keep the model on the GPU
+        # until fit has ended (it is moved to the CPU right after).
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+
+        class KeepOnDevice(SingleDeviceStrategy):
+            def teardown(self) -> None:
+                pass
+
+        strategy = KeepOnDevice(device=torch.device("cuda", 0))
     trainer = pl.Trainer(
+        strategy=strategy,
         accelerator=accelerator,
         devices=1,
         max_steps=steps,

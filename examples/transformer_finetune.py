@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.model, num_labels=num_labels, lr=args.lr, backbone=copy.deepcopy(teacher.model)
     )
     callbacks = [
-        GradualMagnitudePruning(target_sparsity=args.sparsity, start_step=0.05, end_step=0.7),
+        GradualMagnitudePruning(target_sparsity=args.sparsity, start_step=0.05, end_step=0.7, scope="layer"),
         QuantizationAwareTraining(weight_bits=8, activations="dynamic"),
         KnowledgeDistillation(teacher.model, temperature=2.0, alpha=0.5),
     ]

@@ -25,8 +25,10 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -171,8 +173,11 @@ def _pruning_callback(cfg: DemoConfig) -> Any:
     from lightning_shrink import GradualMagnitudePruning
 
     # Fractions of the run: prune from 5 % to 70 % of the steps, then let the model recover.
+    # scope="layer": every layer reaches the target on its own. A global threshold removes
+    # MiniLM's pooler entirely (its weights are the smallest: the sentence-transformers
+    # checkpoint never trained it), and the classifier then sees a constant.
     return GradualMagnitudePruning(
-        target_sparsity=cfg.sparsity, start_step=0.05, end_step=0.7, frequency=0.02
+        target_sparsity=cfg.sparsity, start_step=0.05, end_step=0.7, frequency=0.02, scope="layer"
     )
 
 
@@ -209,6 +214,10 @@ def _sparsity_of_linears(model: torch.nn.Module) -> float:
         zeros += int((w == 0).sum())
         total += w.numel()
     return zeros / total if total else 0.0
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def prepare_output(output_dir: Path, overwrite: bool) -> Path:
@@ -297,6 +306,10 @@ def run_demo(
 
     output = Path(output_dir)
     staging = prepare_output(output, overwrite)
+    # A termination signal (Ctrl-C already raises) also unwinds, so the staging directory goes.
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         results = _run(cfg, dataset, summary, staging, say, progress)
         results["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
@@ -306,6 +319,9 @@ def run_demo(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     final = output.expanduser().resolve()
     say(f"done: results in {final}")
     if verbose:
