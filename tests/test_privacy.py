@@ -165,6 +165,16 @@ def test_data_is_poisson_sampled() -> None:
     assert isinstance(trainer.train_dataloader.batch_sampler, UniformWithReplacementSampler)
 
 
+def test_without_poisson_sampling_the_loader_is_kept_and_the_guarantee_disclaimed() -> None:
+    data = loader()
+    dp = DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp", poisson_sampling=False)
+    with pytest.warns(UserWarning, match="NOT a formal guarantee"):
+        trainer = fit(TinyClassifier(), data, dp, max_steps=2)
+    assert trainer.train_dataloader.batch_sampler is data.batch_sampler
+    rows = {r.metric: r.value for r in report(trainer).select(technique="privacy")}
+    assert rows["guarantee"] == "none: Poisson sampling was off"
+
+
 # ---------------------------------------------------------------------------- clipping
 
 
@@ -250,6 +260,11 @@ class WithBatchNorm(TinyClassifier):
         self.classifier = nn.Linear(32, 2)
 
 
+class NoOptimizer(TinyClassifier):
+    def configure_optimizers(self) -> None:
+        return None
+
+
 class Stream(IterableDataset):
     def __iter__(self):
         data = random_classification_data(32)
@@ -263,8 +278,9 @@ class Stream(IterableDataset):
         (WithBatchNorm, loader, {}, r"net.1 \(BatchNorm1d\) normalizes with batch statistics"),
         (TinyClassifier, loader, dict(accumulate_grad_batches=2), "accumulate_grad_batches=2"),
         (TinyClassifier, lambda: DataLoader(Stream(), batch_size=8), {}, "IterableDataset"),
+        (NoOptimizer, loader, {}, "configures no optimizer"),
     ],
-    ids=["manual", "batchnorm", "accumulation", "iterable"],
+    ids=["manual", "batchnorm", "accumulation", "iterable", "no-optimizer"],
 )
 def test_runs_that_cannot_be_private_fail_before_the_first_step(model, data, trainer_kwargs, match) -> None:
     module = model()
