@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -731,6 +730,3 @@ def _batch_size(batch: Any) -> int:
             if size:
                 return size
     return 0
-
-
-warnings.filterwarnings("ignore", message=".*Using a non-full backward hook.*")
