@@ -246,7 +246,8 @@ class PruningPlugin:
         self._restored: Mapping[str, Any] | None = None
         self._started = False
         self._layers_pending = False
-        self._active: list[tuple[int, torch.Tensor]] = []
+        self._active: list[int] = []
+        self._active_masks: list[torch.Tensor] = []
         self._comm = Comm()
         self._replicated_world = 1
 
@@ -279,7 +280,7 @@ class PruningPlugin:
             target_sparsity=cfg.target_sparsity,
             sparsity_overrides=cfg.sparsity_overrides,
         )
-        named = dict(pl_module.named_parameters())
+        named = dict(pl_module.named_parameters(remove_duplicate=False))
         self.params = [named[t.name] for t in self.targets]
         sharded = [is_dtensor(p) for p in self.params]
         for t, p in zip(self.targets, self.params, strict=True):
@@ -293,7 +294,7 @@ class PruningPlugin:
             self._replicated_world = dist.get_world_size() if ddp else 1
         self.schedule = self._resolve_schedule(trainer)
         self.keeps = []
-        self._active = []
+        self._active, self._active_masks = [], []
         self._started = False
 
     def _sharded_comm(self, params: Sequence[torch.Tensor]) -> Comm:
@@ -383,7 +384,7 @@ class PruningPlugin:
         else:
             self._refresh_stats(step)
             self._zero_optimizer_state(trainer)
-        self._apply(self.params)
+        self._apply()
 
     # ------------------------------------------------------------------ training
 
@@ -398,11 +399,15 @@ class PruningPlugin:
             if not self.targets:
                 return
             self._start(trainer)
-        with torch.no_grad():
-            for i, pruned in self._active:
-                grad = self.params[i].grad
-                if grad is not None:
-                    local_tensor(grad).masked_fill_(pruned, 0)
+        grads, masks = [], []
+        for i, mask in zip(self._active, self._active_masks, strict=True):
+            grad = self.params[i].grad
+            if grad is not None:
+                grads.append(local_tensor(grad))
+                masks.append(mask)
+        if grads:
+            with torch.no_grad():
+                torch._foreach_mul_(grads, masks)
 
     @hookimpl
     def shrink_after_optimizer_step(self, trainer: pl.Trainer) -> None:
@@ -411,14 +416,17 @@ class PruningPlugin:
         step = trainer.global_step + 1
         if self.schedule is not None and self.schedule.is_update_step(step) and self.last_update_step != step:
             self._update(trainer, step)
-        self._apply(self.params)
+        self._apply()
 
-    def _apply(self, params: Sequence[torch.Tensor]) -> None:
-        # One in-place masked_fill_ per pruned parameter: same-dtype and vectorized (a multiply by
-        # a bool mask takes PyTorch's slower casting path; float masks cost 4x the memory).
-        with torch.no_grad():
-            for i, pruned in self._active:
-                local_tensor(params[i]).masked_fill_(pruned, 0)
+    def _apply(self) -> None:
+        # One fused in-place multiply over all pruned parameters, by masks of the parameters' own
+        # dtype: the vectorized path (bool masks take PyTorch's slower casting path, masked_fill_
+        # is slower still on CPU; measured in benchmarks/bench_pruning.py).
+        if self._active:
+            # Local shards are looked up every step: FSDP2 may re-create them after set-up.
+            params = [local_tensor(self.params[i]) for i in self._active]
+            with torch.no_grad():
+                torch._foreach_mul_(params, self._active_masks)
 
     def _update(self, trainer: pl.Trainer, step: int) -> None:
         """Recompute the masks for ``step``."""
@@ -477,8 +485,10 @@ class PruningPlugin:
         self.sparsity = int(pruned.sum()) / sum(totals)
         assert self.schedule is not None
         self.target_now = self.schedule.sparsity(step) if step >= self.schedule.start else 0.0
-        # (index, pruned-mask) of the parameters that have pruned weights: what is enforced each step.
-        self._active = [(i, ~k) for i, k in enumerate(self.keeps) if not bool(k.all())]
+        # The parameters that have pruned weights, and their masks in the parameters' dtype: what is
+        # enforced at every step.
+        self._active = [i for i, k in enumerate(self.keeps) if not bool(k.all())]
+        self._active_masks = [self.keeps[i].to(self.params[i].dtype) for i in self._active]
 
     def _zero_optimizer_state(self, trainer: pl.Trainer) -> None:
         if not self._active:
@@ -486,10 +496,11 @@ class PruningPlugin:
         with torch.no_grad():
             for optimizer in trainer.optimizers:
                 state = optimizer.state
-                for i, pruned in self._active:
+                for i in self._active:
                     entry = state.get(self.params[i])
                     if not entry:
                         continue
+                    pruned = ~self.keeps[i]
                     for value in entry.values():
                         if isinstance(value, torch.Tensor):
                             local = local_tensor(value)
@@ -568,7 +579,7 @@ class PruningPlugin:
     def shrink_fit_end(self, trainer: pl.Trainer) -> None:
         if not self._started:
             return
-        self._apply(self.params)
+        self._apply()
         self._zero_optimizer_state(trainer)
         # Masks live in the weights' zeros now: the next fit starts from them.
         self._started = False
