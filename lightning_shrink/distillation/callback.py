@@ -733,6 +733,10 @@ class DistillationPlugin:
 
     @hookimpl
     def shrink_metrics(self) -> dict[str, float]:
+        # Called at the end of every training batch: disarm here too, so a training_step that
+        # returned None (skipped batch, no shrink_training_loss call) leaves nothing captured.
+        self._armed = False
+        self._captures.clear()
         metrics = {f"{self.prefix}/alpha": self._alpha}
         if self.cache is not None:
             lookups = self.cache.hits + self.cache.misses
