@@ -493,3 +493,16 @@ def test_composes_with_distillation_and_pruning_and_warns_about_the_teacher() ->
     # the distillation term goes through per-example clipping identically in both engines
     for name, value in sums["hooks"].items():
         torch.testing.assert_close(sums["ghost"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_model_left_in_eval_mode_is_still_clipped_or_refused() -> None:
+    # transformers' from_pretrained returns a model in eval mode, and Lightning keeps it so.
+    model = TinyTransformerClassifier(lambda: tiny_bert().eval())
+    dp = DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp")
+    fit(model, token_dataloader(n=64, batch_size=8), dp, max_steps=2)
+    assert dp.plugin.grad_sample_mode == "ghost" and dp.plugin.steps == 2
+    hooks = DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp", grad_sample_mode="hooks")
+    with pytest.raises(PrivacyError, match=r"are in eval mode, and Opacus' per-sample hooks skip"):
+        fit(
+            TinyTransformerClassifier(lambda: tiny_bert().eval()), token_dataloader(n=64, batch_size=8), hooks
+        )

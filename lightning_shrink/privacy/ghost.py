@@ -88,7 +88,9 @@ class GhostClippingEngine:
         # Book-keeping computes the (clipped) weight gradients itself: when the layer's input carries
         # the gradient on, autograd need not compute them a second time. The parameters leave the
         # graph for this call only; ``requires_grad`` is restored right after the forward.
-        if not module.training or not torch.is_grad_enabled() or not args:
+        # Gated on autograd only, not on ``module.training``: Lightning does not switch a pretrained
+        # model out of eval mode, and its gradients still need clipping.
+        if not torch.is_grad_enabled() or not args:
             return
         if not isinstance(args[0], torch.Tensor) or not args[0].requires_grad:
             return
@@ -100,7 +102,7 @@ class GhostClippingEngine:
     def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         for p in self._detached.pop(module, ()):
             p.requires_grad_(True)
-        if not module.training or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
             return
         if not output.requires_grad:
             return
@@ -146,6 +148,13 @@ class GhostClippingEngine:
             if self.loss_reduction == "mean":
                 b = b * b.shape[0]  # gradient of the example's own loss, as Opacus' hooks do
             pairs.append((module, acts[0], b))
+        sizes = {b.shape[0] for _, _, b in pairs}
+        if len(sizes) > 1:
+            raise PrivacyError(
+                "DifferentialPrivacy(grad_sample_mode='ghost'): layers saw different batch sizes "
+                f"{sorted(sizes)} in one step (an input shared by the batch that could not be expanded per "
+                "example); per-example gradients are undefined: use grad_sample_mode='hooks'"
+            )
         return pairs
 
     @torch.no_grad()

@@ -461,6 +461,15 @@ class PrivacyPlugin:
                 pl_module, self.config.loss_reduction, skip_weight_grads=trainer.world_size == 1
             )
         else:
+            in_eval = [n for n, m in pl_module.named_modules() if not m.training and _trainable_direct(m)]
+            if in_eval:
+                raise PrivacyError(
+                    f"{_PREFIX}(grad_sample_mode='hooks'): trainable layers {in_eval[:5]}"
+                    f"{'...' if len(in_eval) > 5 else ''} are in eval mode, and Opacus' per-sample hooks "
+                    "skip layers in eval mode (Lightning does not switch a model loaded in eval mode, like "
+                    "a transformers `from_pretrained` model, to training mode): call `.train()` on the model "
+                    "or use grad_sample_mode='ghost'"
+                )
             self._engine = _HooksEngine(pl_module, self.config.loss_reduction)
         self.grad_sample_mode = mode
         # transformers' BERT-style embeddings look up positions with a (1, T) index shared by the
@@ -470,7 +479,7 @@ class PrivacyPlugin:
                 self._embedding_hooks.append(module.register_forward_pre_hook(self._expand_shared_index))
 
     def _expand_shared_index(self, module: nn.Module, args: tuple) -> tuple | None:
-        if not args or not module.training or not torch.is_grad_enabled():
+        if not args or not torch.is_grad_enabled():
             return None
         index = args[0]
         if isinstance(index, torch.Tensor) and index.dim() >= 1 and index.shape[0] == 1 < self._batch_size:
@@ -708,6 +717,10 @@ class PrivacyPlugin:
         if not self.config.poisson_sampling:
             rows.append(ReportRow("privacy", "guarantee", "none: Poisson sampling was off"))
         return rows
+
+
+def _trainable_direct(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
 def _skip_allreduce(state, bucket):  # type: ignore[no-untyped-def]
