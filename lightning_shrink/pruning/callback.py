@@ -68,9 +68,9 @@ class GradualMagnitudePruning(TechniqueCallback):
 
     After every real optimizer step the masks are re-applied in place (``weight *= mask``), so
     pruned weights stay exactly zero while parameter names and ``state_dict`` keys do not change:
-    the trained model loads with a plain ``load_state_dict``. The gradients of pruned weights are
-    zeroed before each optimizer step and their optimizer state (momentum, Adam moments) is zeroed
-    whenever the masks change, so the optimizer cannot revive them. Masks are recomputed from the
+    the trained model loads with a plain ``load_state_dict``. The optimizer state of pruned weights
+    (momentum, Adam moments) is zeroed whenever the masks change and at fit end, so the optimizer
+    cannot revive them (``mask_gradients=True`` keeps it zero at every step). Masks are recomputed from the
     weights' magnitudes only at update steps; masks never shrink during a run (a pruned weight stays
     pruned).
 
@@ -115,6 +115,10 @@ class GradualMagnitudePruning(TechniqueCallback):
             same schedule to their own target.
         log_layer_sparsity: Log each layer's sparsity (``pruning/sparsity/<name>``) at every mask
             update, in addition to the overall ``pruning/sparsity``.
+        mask_gradients: Also zero the gradients of pruned weights before every optimizer step, so
+            that their optimizer state (momentum, Adam moments) stays exactly zero at all times, not
+            only after each mask update and at fit end. Costs a second multiply per step; useful
+            with optimizers that mix coordinates (L-BFGS) or when inspecting optimizer state.
 
     Example::
 
@@ -142,6 +146,7 @@ class GradualMagnitudePruning(TechniqueCallback):
         prune_output_layer: bool = False,
         sparsity_overrides: Mapping[str, float] | None = None,
         log_layer_sparsity: bool = True,
+        mask_gradients: bool = False,
     ) -> None:
         super().__init__()
         self.target_sparsity = _check_sparsity(target_sparsity, "target_sparsity")
@@ -211,6 +216,7 @@ class GradualMagnitudePruning(TechniqueCallback):
             )
         self.sparsity_overrides = {k: float(v) for k, v in overrides.items()}
         self.log_layer_sparsity = bool(log_layer_sparsity)
+        self.mask_gradients = bool(mask_gradients)
 
     def make_plugin(self) -> PruningPlugin:
         return PruningPlugin(self)
@@ -395,6 +401,8 @@ class PruningPlugin:
 
     @hookimpl(trylast=True)
     def shrink_before_optimizer_step(self, trainer: pl.Trainer) -> None:
+        if not self.config.mask_gradients:
+            return
         if not self._started:
             if not self.targets:
                 return
