@@ -101,7 +101,13 @@ class DemoConfig:
 PRESETS: dict[str, DemoConfig] = {
     "default": DemoConfig(),
     "quick": DemoConfig(
-        train_size=2000, test_size=600, teacher_steps=80, student_steps=100, latency_repetitions=15
+        train_size=2000,
+        test_size=600,
+        teacher_steps=96,
+        student_steps=100,
+        lr=1e-4,
+        student_lr=1e-4,
+        latency_repetitions=15,
     ),
     "smoke": DemoConfig(
         model_name="tiny",
