@@ -323,9 +323,35 @@ def describe_plugins(block: Sequence[str] = (), autoload: bool | None = None) ->
         obj = getattr(lightning_shrink, export, None)
         if isinstance(obj, type) and issubclass(obj, TechniqueCallback) and obj is not TechniqueCallback:
             techniques.append(f"  {export} -> plugin {obj.plugin_name!r}")
+            hooks = _technique_hooks(obj)
+            if hooks:
+                techniques.append(f"      hooks: {', '.join(hooks)}")
     lines.append("technique callbacks (their plugins are registered in each Trainer's manager):")
     lines.extend(techniques or ["  (none installed)"])
     return "\n".join(lines)
+
+
+#: Minimal arguments to build a technique's plugin, only to list the hooks it implements.
+_EXAMPLE_ARGS: dict[str, dict[str, Any]] = {
+    "GradualMagnitudePruning": {"target_sparsity": 0.5},
+    "DifferentialPrivacy": {"noise_multiplier": 1.0},
+}
+
+
+def _technique_hooks(cls: type) -> list[str]:
+    """The hooks a technique's plugin implements, or ``[]`` when it cannot be built bare."""
+    import torch
+
+    kwargs = dict(_EXAMPLE_ARGS.get(cls.__name__, {}))
+    if cls.__name__ == "KnowledgeDistillation":
+        kwargs["teacher"] = torch.nn.Linear(1, 1)
+    try:
+        plugin = cls(**kwargs).plugin
+    except Exception:
+        return []
+    return sorted(
+        name for name in dir(plugin) if name.startswith("shrink_") and callable(getattr(plugin, name, None))
+    )
 
 
 def run_plugins_command(args: Sequence[str]) -> int:
