@@ -108,11 +108,16 @@ def test_missing_opacus_is_a_clear_import_error_at_construction(monkeypatch: pyt
     monkeypatch.setitem(sys.modules, "opacus", None)  # as if it were not installed
     # `import lightning_shrink` works without it: re-import the package from scratch (monkeypatch
     # puts the original modules back afterwards).
-    for name in [n for n in sys.modules if n == "lightning_shrink" or n.startswith("lightning_shrink.")]:
+    ours = [n for n in sys.modules if n == "lightning_shrink" or n.startswith("lightning_shrink.")]
+    for name in ours:
         monkeypatch.delitem(sys.modules, name)
-    fresh = importlib.import_module("lightning_shrink")
-    with pytest.raises(ImportError, match=r'pip install "lightning-shrink\[privacy\]"'):
-        fresh.DifferentialPrivacy(noise_multiplier=1.0)
+    try:
+        fresh = importlib.import_module("lightning_shrink")
+        with pytest.raises(ImportError, match=r'pip install "lightning-shrink\[privacy\]"'):
+            fresh.DifferentialPrivacy(noise_multiplier=1.0)
+    finally:  # no freshly imported copy may outlive the test (other tests check class identity)
+        for name in [n for n in sys.modules if n.split(".")[0] == "lightning_shrink" and n not in ours]:
+            del sys.modules[name]
 
 
 def test_delta_of_one_over_n_fails_before_the_first_step() -> None:
