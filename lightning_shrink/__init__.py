@@ -9,7 +9,7 @@ from lightning_shrink.manager import PluginError, ShrinkPluginManager, get_plugi
 from lightning_shrink.privacy import DifferentialPrivacy
 from lightning_shrink.pruning import GradualMagnitudePruning
 from lightning_shrink.quantization import QuantizationAwareTraining
-from lightning_shrink.report import CompressionReport, ReportRow, report
+from lightning_shrink.report import CompressionReport, ReportRow, report, save_report
 
 __version__ = "0.1.0"
 
@@ -32,4 +32,5 @@ __all__ = [
     "hookspec",
     "load",
     "report",
+    "save_report",
 ]
