@@ -248,6 +248,15 @@ def main() -> None:
             "overhead_minus_hand_written": overhead - hand,
             "goal_met": overhead <= ratio["teacher forward"] + 0.03,
         }
+    # Headline numbers (read by benchmarks/run_all.py): process CPU time, because on a shared
+    # machine wall-clock ratios move by more than the 3% the goal is about.
+    results["primary_measure"] = "cpu (process CPU time; see 'wall' for wall-clock)"
+    results["step_ratio_vs_plain"] = results["cpu"]["ratio_vs_plain_step"]
+    results["teacher_forward_ratio_vs_plain"] = results["cpu"]["teacher_forward_ratio"]
+    results["distillation_overhead_vs_plain"] = results["cpu"]["distillation_overhead"]
+    results["overhead_minus_teacher_forward"] = results["cpu"]["overhead_minus_teacher_forward"]
+    results["overhead_minus_hand_written"] = results["cpu"]["overhead_minus_hand_written"]
+    results["goal_met"] = results["cpu"]["goal_met"]
     results["tiny_model_cpu_ms"] = plugin_fixed_cost(20 if args.quick else 60)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
