@@ -337,6 +337,22 @@ def test_record_hook_for_a_student_called_twice():
         student, loader
     )
     assert all(m["shrink/distill/kl"] > 0 for m in rec.metrics)
+    # without a distillation callback, record() does nothing and the module trains as before
+    cpu_trainer(max_steps=1).fit(student, loader)
+
+
+def test_alpha_zero_skips_the_teacher_and_returns_zero_terms():
+    teacher = TinyClassifier(hidden=48)
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    kd = KnowledgeDistillation(teacher, alpha=lambda step: 0.0 if step < 2 else 0.5)
+    rec = Recorder()
+    cpu_trainer(max_steps=3, callbacks=[kd, rec]).fit(
+        TinyClassifier(), DataLoader(random_classification_data(n=24), batch_size=8)
+    )
+    assert [m["shrink/distill/kl"] == 0.0 for m in rec.metrics] == [True, True, False]
+    assert rec.losses[0] == pytest.approx(rec.metrics[0]["shrink/task_loss"])  # weight 1 - 0
+    assert len(calls) == 1  # the teacher ran only when alpha > 0
 
 
 # ---------------------------------------------------------------------------------------------
