@@ -341,6 +341,31 @@ def test_record_hook_for_a_student_called_twice():
     cpu_trainer(max_steps=1).fit(student, loader)
 
 
+def test_two_teachers_each_with_projections():
+    pl.seed_everything(0)
+    student = TinyTransformerClassifier(tiny_bert(hidden_size=32))
+    kd1 = KnowledgeDistillation(tiny_bert(hidden_size=48), alpha=0.3, hidden_mse_weight=1.0, layer_map={2: 2})
+    kd2 = KnowledgeDistillation(
+        tiny_bert(hidden_size=64), alpha=0.3, hidden_cosine_weight=1.0, layer_map={1: 2}
+    )
+
+    class Attributes(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.seen = {n: type(m).__name__ for n, m in pl_module.named_children()}
+
+    attrs, rec = Attributes(), Recorder()
+    cpu_trainer(max_steps=2, callbacks=[kd1, kd2, attrs, rec]).fit(student, token_dataloader(n=16))
+    assert attrs.seen.get("distill_projections") == attrs.seen.get("distill_projections_2") == "ModuleDict"
+    assert kd2.plugin.projections["layer_1"].weight.shape == (64, 32)
+    m = rec.metrics[0]
+    assert m["shrink/distill/hidden_mse"] > 0 and m["shrink/distill-2/hidden_cosine"] > 0
+    assert m["shrink/distill/kl"] > 0 and m["shrink/distill-2/kl"] > 0
+    # the task loss is weighted by the product (1 - 0.3) * (1 - 0.3)
+    terms = sum(v for k, v in m.items() if k.startswith("shrink/distill"))
+    assert rec.losses[0] == pytest.approx(0.49 * m["shrink/task_loss"] + terms, rel=1e-5)
+    assert not hasattr(student, "distill_projections") and not hasattr(student, "distill_projections_2")
+
+
 def test_alpha_zero_skips_the_teacher_and_returns_zero_terms():
     teacher = TinyClassifier(hidden=48)
     calls = []

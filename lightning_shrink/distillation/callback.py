@@ -286,6 +286,7 @@ class DistillationPlugin:
         self.student_name = ""
         self.student_module: nn.Module | None = None
         self.projections: nn.ModuleDict | None = None
+        self.projections_attribute = PROJECTIONS_ATTRIBUTE
         self.cache = TeacherLogitCache(config.cache_key) if config.cache_key is not None else None
         self.name = KnowledgeDistillation.plugin_name
         self.prefix = "distill"
@@ -439,18 +440,22 @@ class DistillationPlugin:
             projections.register_state_dict_post_hook(_drop_own_keys)
             projections.register_load_state_dict_pre_hook(_fill_own_keys)
             self.projections = projections.to(device=pl_module.device)
-        existing = getattr(pl_module, PROJECTIONS_ATTRIBUTE, None)
+        # "distill_projections" for the first callback, "distill_projections_2" for a second one.
+        suffix = self.name[len(KnowledgeDistillation.plugin_name) :].replace("-", "_")
+        attribute = PROJECTIONS_ATTRIBUTE + suffix
+        existing = getattr(pl_module, attribute, None)
         if existing is not None and existing is not self.projections:
             raise ValueError(
-                f"KnowledgeDistillation: {type(pl_module).__name__} already has an attribute "
-                f"{PROJECTIONS_ATTRIBUTE!r}; two KnowledgeDistillation callbacks with projections, or a user "
-                "attribute of that name, cannot share it"
+                f"KnowledgeDistillation: {type(pl_module).__name__} already has an attribute {attribute!r}; "
+                "the learned projections cannot be registered under it (rename that attribute)"
             )
-        pl_module.add_module(PROJECTIONS_ATTRIBUTE, self.projections)
+        self.projections_attribute = attribute
+        pl_module.add_module(attribute, self.projections)
 
     def _remove_projections(self, pl_module: pl.LightningModule) -> None:
-        if self.projections is not None and pl_module._modules.get(PROJECTIONS_ATTRIBUTE) is self.projections:
-            del pl_module._modules[PROJECTIONS_ATTRIBUTE]
+        attribute = self.projections_attribute
+        if self.projections is not None and pl_module._modules.get(attribute) is self.projections:
+            del pl_module._modules[attribute]
 
     def _register_hooks(self) -> None:
         self._remove_hooks()
@@ -529,7 +534,7 @@ class DistillationPlugin:
             missing = [n for n, p in self.projections.named_parameters() if id(p) not in optimized]
             if missing:
                 raise ValueError(
-                    f"KnowledgeDistillation: the projections {PROJECTIONS_ATTRIBUTE}.{missing[0]} "
+                    f"KnowledgeDistillation: the projections {self.projections_attribute}.{missing[0]} "
                     f"(student width -> teacher width) are not in the optimizer; build it from "
                     f"self.parameters() in {type(pl_module).__name__}.configure_optimizers to train them"
                 )
