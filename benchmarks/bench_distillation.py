@@ -10,7 +10,9 @@ steps (forward + loss + backward + AdamW step, batch 16 x 64 tokens, timed from
   that separates the plugin's own cost from the cost of running a teacher inside a training step;
 - the same with the teacher-logit cache filled (every lookup hits, the teacher does not run);
 - the teacher's own forward pass under ``torch.inference_mode`` on the same batch;
-- the plugin's own fixed cost per step, on a tiny MLP where the models cost almost nothing.
+- the plugin's own fixed cost per step, on a tiny MLP where the models cost almost nothing;
+- a paired measurement: distillation on every other step of one fit (plugin: ``alpha`` 0 on even
+  steps; by hand: the teacher on odd batches), each distillation step divided by its neighbour.
 
 All are reported as ratios to the plain step. The goal: distillation's overhead over a plain step
 is at most the teacher's forward time plus 3% of a plain step.
@@ -87,11 +89,13 @@ class Student(pl.LightningModule):
     #: When set (outside the module tree), ``training_step`` distils by hand: the baseline
     #: "hand-written distillation in training_step", without lightning-shrink.
     hand_teacher: nn.Module | None = None
+    #: Distil by hand on odd batches only (the paired measurement).
+    hand_every_other = False
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "idx"}
         out = self.model(**inputs)
-        if self.hand_teacher is None:
+        if self.hand_teacher is None or (self.hand_every_other and batch_idx % 2 == 0):
             return out.loss
         with torch.inference_mode():
             teacher_logits = self.hand_teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
@@ -121,13 +125,14 @@ def fit_steps(
     batches: list[dict[str, torch.Tensor]],
     callbacks: list[Any],
     hand_teacher: nn.Module | None = None,
+    max_steps: int | None = None,
 ) -> list[tuple[float, float]]:
     object.__setattr__(module, "hand_teacher", hand_teacher)
     timer = StepTimer()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
-        max_steps=len(batches),
+        max_steps=max_steps or len(batches),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -176,6 +181,28 @@ def plugin_fixed_cost(steps: int) -> dict[str, float]:
             samples[k] += [c for _, c in timer.times[5:]]
     plain, kd = (statistics.median(samples[k]) * 1e3 for k in ("plain", "distillation"))
     return {"plain_step_ms": plain, "distillation_step_ms": kd, "plugin_cost_ms": kd - plain}
+
+
+def paired(
+    student: Student, teacher: nn.Module, batches: list[dict[str, torch.Tensor]], pairs: int
+) -> dict[str, dict[str, float]]:
+    """Distillation on every other step of one fit, so each distillation step is compared with its
+    neighbour (the load of a shared machine changes far less between adjacent steps than between
+    fits). Plugin: ``alpha`` is 0 on even steps (the teacher does not run; the plugin's hooks do).
+    Hand-written: the teacher runs on odd batches. Returns medians of the per-pair ratios
+    (distillation step / neighbouring step without distillation)."""
+    steps = 2 * pairs + 2
+    kd = KnowledgeDistillation(teacher, temperature=2.0, alpha=lambda step: 0.5 if step % 2 else 0.0)
+    runs = {"plugin": fit_steps(student, batches, [kd], max_steps=steps)}
+    student.hand_every_other = True
+    runs["hand-written"] = fit_steps(student, batches, [], hand_teacher=teacher, max_steps=steps)
+    student.hand_every_other = False
+    out = {}
+    for name, times in runs.items():
+        times = times[1:]  # fit_steps dropped step 0; drop step 1 too, so pairs are (even, odd)
+        ratios = [[times[i + 1][c] / times[i][c] for i in range(0, len(times) - 1, 2)] for c in (0, 1)]
+        out[name] = {"wall": statistics.median(ratios[0]) - 1.0, "cpu": statistics.median(ratios[1]) - 1.0}
+    return out
 
 
 def summarize(samples: dict[str, list[tuple[float, float]]], column: int) -> dict[str, float]:
@@ -257,6 +284,8 @@ def main() -> None:
     results["overhead_minus_teacher_forward"] = results["cpu"]["overhead_minus_teacher_forward"]
     results["overhead_minus_hand_written"] = results["cpu"]["overhead_minus_hand_written"]
     results["goal_met"] = results["cpu"]["goal_met"]
+    pair_batches = make_batches(4, 16, 64, student.model.config.vocab_size)
+    results["paired_overhead"] = paired(student, teacher, pair_batches, 3 if args.quick else 10)
     results["tiny_model_cpu_ms"] = plugin_fixed_cost(20 if args.quick else 60)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -289,6 +318,12 @@ def main() -> None:
             f"so the plugin adds {r['overhead_minus_hand_written']:+.3f} over it."
         )
     print(f"- cache: {hits} batch lookups hit, {misses} missed; on a hit the teacher does not run.")
+    pair = results["paired_overhead"]
+    print(
+        "- paired (distillation on every other step of one fit, median over adjacent pairs): overhead "
+        f"{pair['plugin']['cpu']:.3f} CPU / {pair['plugin']['wall']:.3f} wall with the plugin, "
+        f"{pair['hand-written']['cpu']:.3f} CPU / {pair['hand-written']['wall']:.3f} wall written by hand."
+    )
     tiny = results["tiny_model_cpu_ms"]
     print(
         f"- the plugin's own cost per step (tiny MLP student and teacher, CPU time): "
