@@ -294,8 +294,8 @@ def main() -> None:
     print(
         f"{args.threads} threads; {reps} interleaved repetitions of {steps - 1} timed Trainer.fit steps "
         f"each, medians{' (quick run)' if args.quick else ''}. Same-size MiniLM teacher, KL loss (T = 2, "
-        "alpha = 0.5), batch 16 x 64 tokens. Wall-clock time and process CPU time (the latter is "
-        "insensitive to other processes; 1-min load average at the end: "
+        "alpha = 0.5), batch 16 x 64 tokens. Wall-clock time and process CPU time (the latter is less "
+        "sensitive to other processes; 1-min load average at the end: "
         f"{results['load_average_1min_at_end']:.1f}).\n"
     )
     print("| step | wall (s) | wall ratio | CPU (s) | CPU ratio |")
