@@ -69,12 +69,14 @@ GOAL_EXPORT_RATIO = 6.0
 GOAL_SPEEDUP = 2.1
 
 
-def _callbacks(name: str, teacher: torch.nn.Module, sparsity: float) -> list[Any]:
+def _callbacks(name: str, teacher: torch.nn.Module, sparsity: float, frequency: float) -> list[Any]:
     callbacks: list[Any] = []
     if "sparse" in name:
         # scope="layer": a global threshold prunes MiniLM's (untrained, small) pooler to 100 %.
         callbacks.append(
-            GradualMagnitudePruning(sparsity, start_step=0.05, end_step=0.7, frequency=0.02, scope="layer")
+            GradualMagnitudePruning(
+                sparsity, start_step=0.05, end_step=0.7, frequency=frequency, scope="layer"
+            )
         )
     if "int8" in name:
         callbacks.append(QuantizationAwareTraining(weight_bits=8, activations="dynamic"))
@@ -185,7 +187,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         student = SequenceClassifier(args.model, lr=lr)
         student.model.load_state_dict(teacher_state)
         fit_seconds[name] = _fit(
-            student, train_loader, steps, _callbacks(name, frozen, args.sparsity), args.accelerator
+            student,
+            train_loader,
+            steps,
+            _callbacks(name, frozen, args.sparsity, 0.05 if quick else 0.02),
+            args.accelerator,
         )
         student.cpu().eval()
         accuracy_before_conversion[name] = evaluate_accuracy(student.model, test_loader)
@@ -230,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "lr": lr,
         "sparsity": args.sparsity,
+        "prune_frequency": 0.05 if quick else 0.02,
         "accuracy": accuracy,
         "accuracy_before_conversion": accuracy_before_conversion,
         "points_vs_dense": points,

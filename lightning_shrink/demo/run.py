@@ -70,6 +70,7 @@ class DemoConfig:
         lr: Peak learning rate of the dense fine-tune.
         student_lr: Peak learning rate of the compressed fine-tune.
         sparsity: Target sparsity of the pruning.
+        prune_frequency: Steps between mask updates, as a fraction of the student's steps.
         temperature: Distillation temperature.
         alpha: Weight of the distillation loss.
         latency_repetitions: Interleaved repetitions of the latency measurement.
@@ -87,6 +88,7 @@ class DemoConfig:
     lr: float = 5e-5
     student_lr: float = 5e-5
     sparsity: float = 0.8
+    prune_frequency: float = 0.02
     temperature: float = 2.0
     alpha: float = 0.5
     latency_repetitions: int = 30
@@ -107,6 +109,7 @@ PRESETS: dict[str, DemoConfig] = {
         student_steps=100,
         lr=1e-4,
         student_lr=1e-4,
+        prune_frequency=0.05,
         latency_repetitions=15,
     ),
     "smoke": DemoConfig(
@@ -183,7 +186,11 @@ def _pruning_callback(cfg: DemoConfig) -> Any:
     # MiniLM's pooler entirely (its weights are the smallest: the sentence-transformers
     # checkpoint never trained it), and the classifier then sees a constant.
     return GradualMagnitudePruning(
-        target_sparsity=cfg.sparsity, start_step=0.05, end_step=0.7, frequency=0.02, scope="layer"
+        target_sparsity=cfg.sparsity,
+        start_step=0.05,
+        end_step=0.7,
+        frequency=cfg.prune_frequency,
+        scope="layer",
     )
 
 
