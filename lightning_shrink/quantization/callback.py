@@ -49,7 +49,7 @@ def _as_patterns(name: str, value: str | Sequence[str] | None) -> list[str] | No
 def select_layers(
     model: nn.Module,
     modules: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
+    exclude_modules: Sequence[str] = (),
     embeddings: bool = True,
 ) -> dict[str, nn.Module]:
     """The layers of ``model`` that quantization-aware training prepares, by qualified name.
@@ -59,7 +59,7 @@ def select_layers(
         modules: Names or ``fnmatch`` glob patterns; ``None`` selects every supported layer. A
             pattern without glob characters must name a supported layer (else ``TypeError``);
             every pattern must match at least one module (else ``ValueError``).
-        exclude: Names or glob patterns of layers to leave in float.
+        exclude_modules: Names or glob patterns of layers to leave in float.
         embeddings: Include ``nn.Embedding`` layers when ``modules`` is ``None`` or a glob.
 
     A ``Linear`` whose weight is tied to a selected embedding (language-model heads) is left in
@@ -92,7 +92,7 @@ def select_layers(
                 if isinstance(m, nn.Embedding) and is_glob and not embeddings:
                     continue
                 selected[name] = m
-    for pattern in exclude:
+    for pattern in exclude_modules:
         for name in [n for n in selected if fnmatch.fnmatchcase(n, pattern)]:
             del selected[name]
     embedding_weights = {id(m.weight) for m in selected.values() if isinstance(m, nn.Embedding)}
@@ -107,7 +107,7 @@ def prepare_qat(
     model: nn.Module,
     settings: LayerSettings | None = None,
     modules: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
+    exclude_modules: Sequence[str] = (),
     embeddings: bool = True,
 ) -> list[str]:
     """Prepare ``model`` for quantization-aware training, in place; returns the prepared names.
@@ -126,7 +126,7 @@ def prepare_qat(
                 "configuration per model"
             )
         m.__dict__["shrink_qat"] = settings
-    layers = select_layers(model, modules, exclude, embeddings)
+    layers = select_layers(model, modules, exclude_modules, embeddings)
     names = sorted(set(already) | set(layers))
     for name, m in layers.items():
         if settings.group_size is not None and not isinstance(m, (nn.Embedding, nn.modules.conv._ConvNd)):
@@ -165,7 +165,7 @@ class QuantizationAwareTraining(TechniqueCallback):
         modules: Names or glob patterns (``"model.bert.encoder.*"``) of the layers to quantize,
             relative to the LightningModule. ``None``: every supported layer (``nn.Linear``,
             ``nn.Conv1d/2d/3d``, transformers' ``Conv1D`` and, with ``embeddings``, ``nn.Embedding``).
-        exclude: Names or glob patterns of layers to keep in float (e.g. ``["*classifier*"]``).
+        exclude_modules: Names or glob patterns of layers to keep in float (e.g. ``["*classifier*"]``).
         embeddings: Quantize ``nn.Embedding`` tables (int8 per row). They hold about half of a
             small BERT's weights, so an int8 export needs them.
         group_size: Input features per scale for ``weight_bits=4`` (e.g. 32, 64, 128); ``None``:
@@ -190,7 +190,7 @@ class QuantizationAwareTraining(TechniqueCallback):
         freeze_observers_step: int | None = None,
         freeze_bn_step: int | None = None,
         modules: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] = (),
+        exclude_modules: str | Sequence[str] = (),
         embeddings: bool = True,
         group_size: int | None = None,
         averaging_constant: float = 0.01,
@@ -240,7 +240,7 @@ class QuantizationAwareTraining(TechniqueCallback):
         self.freeze_observers_step = freeze_observers_step
         self.freeze_bn_step = freeze_bn_step
         self.modules = _as_patterns("modules", modules)
-        self.exclude = _as_patterns("exclude", exclude) or []
+        self.exclude_modules = _as_patterns("exclude_modules", exclude_modules) or []
         self.embeddings = embeddings
 
     def make_plugin(self) -> _QATPlugin:
@@ -262,7 +262,7 @@ class _QATPlugin:
     @hookimpl
     def shrink_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         c = self.config
-        self.layers = prepare_qat(pl_module, c.settings, c.modules, c.exclude, c.embeddings)
+        self.layers = prepare_qat(pl_module, c.settings, c.modules, c.exclude_modules, c.embeddings)
         if not self.layers:
             raise ValueError(
                 f"QuantizationAwareTraining found no layer to quantize in {type(pl_module).__name__} "
