@@ -250,7 +250,10 @@ def goal_rows(results: dict[str, dict[str, Any]]) -> list[str]:
         gap = ""
         if not met:
             diff = abs(value - goal.target)
-            rel = f" ({diff / abs(goal.target):.0%} of the target)" if goal.target else ""
+            # A relative miss means something for ratios, not for differences in points.
+            rel = (
+                f" ({diff / abs(goal.target):.0%} of the target)" if goal.target and goal.unit == "x" else ""
+            )
             gap = f"{diff:.3g}{goal.unit}{rel}"
         lines.append(
             f"| {goal.benchmark} | {goal.what} | {value:.3g}{goal.unit} | {target} | "
