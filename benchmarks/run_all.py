@@ -376,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if args.docs_only:
         meta = json.loads(META.read_text()) if META.is_file() else {}
+        if meta.get("last_command"):
+            command = f"{meta['last_command']}` (re-rendered by `{command}"
     else:
         meta = run_benchmarks(selected, args.quick, args.timeout)
         meta["machine"] = machine()
