@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.docs_only:
         meta = json.loads(META.read_text()) if META.is_file() else {}
         if meta.get("last_command"):
-            command = f"{meta['last_command']}` (re-rendered by `{command}"
+            command = f"{meta['last_command']}` and re-rendered by `{command}"
     else:
         meta = run_benchmarks(selected, args.quick, args.timeout)
         meta["machine"] = machine()
