@@ -433,6 +433,9 @@ class PruningPlugin:
         if self._active:
             # Local shards are looked up every step: FSDP2 may re-create them after set-up.
             params = [local_tensor(self.params[i]) for i in self._active]
+            if self._active_masks[0].device != params[0].device:
+                # Lightning's teardown moves the model back to the CPU before `on_fit_end`.
+                self._active_masks = [m.to(p.device) for m, p in zip(self._active_masks, params, strict=True)]
             with torch.no_grad():
                 torch._foreach_mul_(params, self._active_masks)
 
@@ -513,7 +516,8 @@ class PruningPlugin:
                         if isinstance(value, torch.Tensor):
                             local = local_tensor(value)
                             if local.shape == pruned.shape:
-                                local.masked_fill_(pruned, 0)
+                                # At fit end Lightning has moved the optimizer state to the CPU.
+                                local.masked_fill_(pruned.to(local.device), 0)
 
     # ------------------------------------------------------------------ visibility
 
