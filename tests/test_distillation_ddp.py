@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from lightning_shrink.testing.distributed import run_multiprocess_script
 
 SCRIPT = textwrap.dedent(
     """
@@ -82,16 +81,7 @@ SCRIPT = textwrap.dedent(
 def test_distillation_under_ddp_two_ranks(tmp_path: Path):
     script = tmp_path / "ddp_distill.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "LIGHTNING_SHRINK_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_multiprocess_script(script, tmp_path, cwd=tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in ranks:
         assert r["world_size"] == 2 and r["wrapped"] == "DistributedDataParallel"

@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from lightning_shrink.testing.distributed import run_multiprocess_script
+
 SCRIPT = Path(__file__).parent / "scripts" / "bridge_distributed.py"
 
 
 def run_two_ranks(strategy: str, tmp_path: Path) -> list[dict]:
-    env = {**os.environ, "LIGHTNING_SHRINK_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), strategy, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_multiprocess_script(SCRIPT, strategy, tmp_path, cwd=tmp_path)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,6 +11,7 @@ from opacus.accountants import create_accountant
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
+from lightning_shrink.testing.distributed import run_multiprocess_script
 from lightning_shrink.testing.models import TinyClassifier
 
 N, BATCH, WORLD = 128, 8, 2  # sample rate 8 * 2 / 128 = 1/8
@@ -85,15 +83,7 @@ def _clipped_sum(state: dict, x: torch.Tensor, y: torch.Tensor, clip: float) -> 
 def test_ddp_two_ranks_poisson_sampling_clipping_noise_and_accounting(tmp_path: Path) -> None:
     script = tmp_path / "privacy_ddp.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "LIGHTNING_SHRINK_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(N), str(BATCH)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_multiprocess_script(script, tmp_path, N, BATCH)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     # --- fit 1: noise 0, one step, ghost engine: the all-reduced gradient is the clipped sum over

@@ -6,14 +6,13 @@ the second rank by re-running the script); every rank writes what it saw to a fi
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+
+from lightning_shrink.testing.distributed import run_multiprocess_script
 
 pytestmark = pytest.mark.slow
 
@@ -118,16 +117,7 @@ _FSDP2_SCRIPT = textwrap.dedent(
 def _run(tmp_path: Path, script: str, *args: str) -> list[dict]:
     path = tmp_path / "script.py"
     path.write_text(script)
-    env = {**os.environ, "LIGHTNING_SHRINK_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(path), str(tmp_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_multiprocess_script(path, tmp_path, *args, cwd=tmp_path)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

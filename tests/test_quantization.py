@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from lightning_shrink.quantization.fake_quant import (
     fake_quantize_weight,
     static_qparams,
 )
+from lightning_shrink.testing.distributed import run_multiprocess_script
 from lightning_shrink.testing.models import (
     TinyClassifier,
     TinyTransformerClassifier,
@@ -376,17 +375,8 @@ def test_pruned_zeros_stay_zero_through_fake_quant_and_conversion():
 
 @pytest.mark.slow
 def test_qat_under_ddp_two_processes(tmp_path):
-    env = {**os.environ, "LIGHTNING_SHRINK_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
     script = Path(__file__).parent / "scripts" / "quantization_ddp.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_multiprocess_script(script, tmp_path, cwd=tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in ranks:
         assert r["global_step"] == 4 and r["prepared"] > 10
