@@ -7,8 +7,10 @@ Measures, in one process with interleaved repetitions and medians:
   int8 activations, int8 embeddings), torchao 0.18 ``QATConfig`` (int8 per-channel weights,
   per-token activations) and torch's ``torch.ao.quantization`` FakeQuantize modules wrapped around
   each Linear;
-- the exported int8 model's size over the FP32 export, and the same with 80% of the Linear
-  weights pruned (magnitude, per layer) so that the pruning codec can sparse-encode them;
+- the exported int8 model's size over the FP32 export, the same with 80% of the Linear weights
+  pruned (magnitude, per layer) so that the pruning codec can sparse-encode them, and that pruned
+  model again with int4 embeddings (``embedding_bits=4, embedding_group_size=64``, packed two
+  values per byte): the word-embedding table is half of MiniLM's weights;
 - batch-1 x 64-token CPU latency of the converted int8 model over FP32.
 
 Usage::
@@ -98,6 +100,10 @@ def torchao_variant(model: nn.Module) -> nn.Module:
     weight = IntxFakeQuantizeConfig(torch.int8, "per_channel")
     quantize_(model, QATConfig(activation_config=act, weight_config=weight, step="prepare"))
     return model
+
+
+#: Elements per scale of the int4 embedding rows (MiniLM's rows have 384).
+EMBEDDING_GROUP_SIZE = 64
 
 
 def ours_variant(model: nn.Module, **settings) -> nn.Module:
@@ -215,6 +221,12 @@ def main() -> None:
         impl.plugin_name for impl in pm.hook.shrink_export.get_hookimpls() if impl.plugin_name != "int8"
     )
     pruned_bytes = dir_size(ls.export(pruned_int8, tmp / "pruned_int8", pluginmanager=pm))
+    pruned_int4_tables = ls.convert(
+        ours_variant(copy.deepcopy(pruned), embedding_bits=4, embedding_group_size=EMBEDDING_GROUP_SIZE)
+    )
+    pruned_int4_tables_bytes = dir_size(
+        ls.export(pruned_int4_tables, tmp / "pruned_int8_int4_embeddings", pluginmanager=pm)
+    )
     infer_batch = batch(1, 64, vocab, seed=1)
     infer_batch.pop("labels")
     from torch.ao.quantization import quantize_dynamic
@@ -243,9 +255,16 @@ def main() -> None:
         "train_step_ratio_vs_plain": step_ratio,
         "train_step_cpu_ratio_vs_plain": step_ratio_cpu,
         "int8_kernel": kernel_name(),
-        "export_bytes": {"fp32": fp32_bytes, "int8": int8_bytes, "int8_pruned80": pruned_bytes},
+        "export_bytes": {
+            "fp32": fp32_bytes,
+            "int8": int8_bytes,
+            "int8_pruned80": pruned_bytes,
+            "int8_int4_embeddings_pruned80": pruned_int4_tables_bytes,
+        },
+        "export_embedding_group_size": EMBEDDING_GROUP_SIZE,
         "export_size_ratio_fp32_over_int8": fp32_bytes / int8_bytes,
         "export_size_ratio_fp32_over_int8_pruned80": fp32_bytes / pruned_bytes,
+        "export_size_ratio_fp32_over_int8_int4_embeddings_pruned80": fp32_bytes / pruned_int4_tables_bytes,
         "export_sparse_codecs": sparse_codec,
         "batch1_latency_seconds": {"fp32": fp32_lat, "int8": int8_lat},
         "batch1_speedup_int8_over_fp32": fp32_lat / int8_lat,

@@ -217,6 +217,7 @@ def demo_parser() -> argparse.ArgumentParser:
         ("batch-size", int),
         ("max-length", int),
         ("sparsity", float),
+        ("embedding-bits", int),
         ("seed", int),
     ):
         parser.add_argument(f"--{name}", type=kind, default=None, help=f"override the preset's {name}")
@@ -250,6 +251,10 @@ def run_demo_command(args: Sequence[str]) -> int:
         if not 0.0 < ns.sparsity < 1.0:
             parser.error(f"--sparsity must be in (0, 1), got {ns.sparsity}")
         overrides["sparsity"] = ns.sparsity
+    if ns.embedding_bits is not None:
+        if ns.embedding_bits not in (8, 4):
+            parser.error(f"--embedding-bits must be 8 or 4, got {ns.embedding_bits}")
+        overrides["embedding_bits"] = ns.embedding_bits
     if ns.techniques is not None:
         overrides["techniques"] = tuple(t.strip() for t in ns.techniques.split(",") if t.strip())
     try:

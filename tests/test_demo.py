@@ -106,6 +106,11 @@ def test_demo_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
     assert exc.value.code == 2
     assert "unknown technique 'sharding'" in capsys.readouterr().err
 
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--smoke", "--embedding-bits", "3", "--output-dir", str(out)])
+    assert exc.value.code == 2
+    assert "--embedding-bits must be 8 or 4, got 3" in capsys.readouterr().err
+
     # A non-empty output directory is never clobbered without --overwrite.
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -161,6 +166,9 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert 0.0 <= results["accuracy"]["compressed"] <= 1.0
     assert results["accuracy"]["compressed_reloaded"] == pytest.approx(results["accuracy"]["compressed"])
     assert results["size_bytes"]["export"] < results["size_bytes"]["fp32_checkpoint"]
+    layers = json.loads((out / "model" / "shrink_config.json").read_text())["quantization"]["layers"]
+    table = layers["bert.embeddings.word_embeddings"]
+    assert table["config"]["weight_bits"] == 4 and "int4_shape" in table  # packed int4 embeddings
     assert results["latency_ms_batch1"]["dense"] > 0 and results["latency_ms_batch1"]["compressed"] > 0
     for name in (
         "model/model.safetensors",

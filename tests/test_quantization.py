@@ -119,6 +119,10 @@ def test_straight_through_gradients():
         (dict(group_size=32), "`group_size` is for weight_bits=4"),
         (dict(weight_bits=4, group_size=0), "`group_size` must be a positive int"),
         (dict(averaging_constant=0.0), "`averaging_constant`"),
+        (dict(embedding_bits=2), "embedding_bits=2"),
+        (dict(embedding_bits=4, embeddings=False), "`embedding_bits=4` has no effect"),
+        (dict(embedding_group_size=32), "`embedding_group_size` is for embedding_bits=4"),
+        (dict(embedding_bits=4, embedding_group_size=-1), "`embedding_group_size` must be a positive"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
@@ -407,3 +411,104 @@ def test_int4_grouped_weights_convert_and_export(tmp_path):
     )
     with torch.no_grad():
         assert torch.equal(loaded(x), got)
+
+
+def test_int4_embeddings_fake_quant_convert_and_export_packed(tmp_path):
+    torch.manual_seed(0)
+
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Embedding(50, 16), nn.Flatten(), nn.Linear(48, 4))
+
+    model = build()
+    with torch.no_grad():  # let the two groups of each row differ in range
+        model[0].weight[:, 8:] *= 10
+    qat = ls.QuantizationAwareTraining(weight_bits=4, group_size=16, embedding_bits=4, embedding_group_size=8)
+    ls.quantization.prepare_qat(model, qat.settings)
+    ids = torch.randint(0, 50, (5, 3))
+
+    # Reference: int4 symmetric per group of 8 along each row, computed on the whole table.
+    table = model[0].weight.detach()
+    groups = table.reshape(50, 2, 8)
+    scale = groups.abs().amax(-1, keepdim=True) / 7
+    reference = (torch.round(groups / scale) * scale).reshape(50, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model[0](ids), reference[ids], atol=1e-6, rtol=0)
+        expected = model(ids)
+    converted = ls.convert(model)
+    table8 = converted[0]
+    assert isinstance(table8, Int8Embedding) and table8.weight_scale.shape == (50, 2)
+    assert int(table8.weight.abs().max()) == 7
+    with torch.no_grad():
+        got = converted(ids)
+    torch.testing.assert_close(got, expected, atol=REFERENCE_TOLERANCE, rtol=0)
+
+    int4_dir = ls.export(converted, tmp_path / "int4")
+    loaded = ls.load(int4_dir, model=build())
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), got)
+    assert torch.equal(loaded[0].weight, table8.weight)
+
+    # Two values per byte: the int4 table's weight takes half the bytes of an int8 one.
+    from safetensors import safe_open
+
+    with safe_open(str(Path(int4_dir) / "model.safetensors"), "pt") as f:
+        packed = f.get_tensor("0.weight")
+        assert packed.dtype == torch.uint8 and packed.numel() == 50 * 16 // 2
+        assert f.get_tensor("2.weight").numel() == 4 * 48 // 2
+    layers = json.loads((Path(int4_dir) / "shrink_config.json").read_text())["quantization"]["layers"]
+    assert layers["0"]["int4_shape"] == [50, 16] and layers["2"]["int4_shape"] == [4, 48]
+
+
+def test_int4_pack_roundtrip_and_a_damaged_packed_weight(tmp_path):
+    from lightning_shrink.quantization.hooks import pack_int4, unpack_int4
+
+    values = torch.arange(-8, 8, dtype=torch.int8).repeat(3)[:47]  # odd length: one pad nibble
+    assert torch.equal(unpack_int4(pack_int4(values), [47]), values)
+    with pytest.raises(ValueError, match="does not hold shape"):
+        unpack_int4(pack_int4(values), [48, 2])
+
+    model = nn.Sequential(nn.Linear(8, 4))
+    ls.quantization.prepare_qat(model, ls.QuantizationAwareTraining(weight_bits=4).settings)
+    directory = ls.export(ls.convert(model), tmp_path / "int4")
+    config = json.loads((directory / "shrink_config.json").read_text())
+    config["quantization"]["layers"]["0"]["int4_shape"] = [4, 9]
+    (directory / "shrink_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"quantized layer '0'.*does not hold shape \[4, 9\]"):
+        ls.load(directory, model=nn.Sequential(nn.Linear(8, 4)))
+
+
+def test_embedding_group_size_must_divide_the_embedding_dimension():
+    model = nn.Sequential(nn.Embedding(10, 12), nn.Linear(12, 2))
+    qat = ls.QuantizationAwareTraining(embedding_bits=4, embedding_group_size=8)
+    with pytest.raises(ValueError, match=r"embedding_group_size=8.*dimension 12 of layer '0'"):
+        ls.quantization.prepare_qat(model, qat.settings)
+    assert not any(is_prepared(m) for m in model.modules())  # nothing half-prepared
+
+
+def test_qat_with_int4_embeddings_on_tiny_bert_trains_converts_and_exports(tmp_path):
+    torch.manual_seed(0)
+    module = TinyTransformerClassifier(tiny_bert)
+    table = module.model.bert.embeddings.word_embeddings
+    qat = ls.QuantizationAwareTraining(embedding_bits=4, embedding_group_size=16)
+    trainer = cpu_trainer(max_steps=3, callbacks=[qat])
+    before = table.weight.detach().clone()
+    trainer.fit(module, token_dataloader())
+    assert not torch.equal(table.weight, before)  # gradients reach the table through the STE
+    assert ls.report(trainer).select("quantization", "embedding bits")[0].value == 4
+
+    batch = next(iter(token_dataloader(n=8)))
+    converted = assert_converted_matches(module.model, batch, KERNEL_TOLERANCE)
+    int4 = converted.bert.embeddings.word_embeddings
+    assert isinstance(int4, Int8Embedding) and int4.weight_bits == 4 and int4.group_size == 16
+    assert int(int4.weight.abs().max()) <= 7
+
+    int8_table = ls.QuantizationAwareTraining()
+    module8 = TinyTransformerClassifier(tiny_bert)
+    ls.quantization.prepare_qat(module8.model, int8_table.settings)
+    size4 = sum(f.stat().st_size for f in ls.export(converted, tmp_path / "int4").iterdir())
+    size8 = sum(f.stat().st_size for f in ls.export(ls.convert(module8.model), tmp_path / "int8").iterdir())
+    assert size4 < size8
+    loaded = ls.load(tmp_path / "int4")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, converted(**inputs).logits, atol=0, rtol=0)

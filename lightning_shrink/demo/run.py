@@ -5,7 +5,7 @@ Steps (each printed as it starts):
 1. load the data (Rotten Tomatoes snippets split by movie, a CSV, or a Hugging Face dataset);
 2. fine-tune all-MiniLM-L6-v2 dense: the *teacher*;
 3. fine-tune it again with :class:`~lightning_shrink.GradualMagnitudePruning` (80 %),
-   :class:`~lightning_shrink.QuantizationAwareTraining` (int8) and
+   :class:`~lightning_shrink.QuantizationAwareTraining` (int8 layers, int4 embeddings) and
    :class:`~lightning_shrink.KnowledgeDistillation` from the teacher, starting from the teacher's
    weights;
 4. :func:`~lightning_shrink.convert` the student to real int8 and
@@ -70,6 +70,10 @@ class DemoConfig:
         lr: Peak learning rate of the dense fine-tune.
         student_lr: Peak learning rate of the compressed fine-tune.
         sparsity: Target sparsity of the pruning.
+        embedding_bits: Bits of the quantized embedding tables (``4``: int4 in groups of
+            ``embedding_group_size``; the word-embedding table is half of MiniLM's weights, and
+            int8 tables leave the export at 5.8x smaller than FP32 instead of the goal's 6x).
+        embedding_group_size: Elements of an embedding row per scale when ``embedding_bits=4``.
         prune_frequency: Steps between mask updates, as a fraction of the student's steps.
         temperature: Distillation temperature.
         alpha: Weight of the distillation loss.
@@ -88,6 +92,8 @@ class DemoConfig:
     lr: float = 5e-5
     student_lr: float = 5e-5
     sparsity: float = 0.8
+    embedding_bits: int = 4
+    embedding_group_size: int | None = 64
     prune_frequency: float = 0.02
     temperature: float = 2.0
     alpha: float = 0.5
@@ -122,6 +128,7 @@ PRESETS: dict[str, DemoConfig] = {
         max_length=32,
         lr=1e-3,
         student_lr=1e-3,
+        embedding_group_size=16,
         latency_repetitions=3,
         latency_inputs=2,
     ),
@@ -197,7 +204,12 @@ def _pruning_callback(cfg: DemoConfig) -> Any:
 def _quantization_callback(cfg: DemoConfig) -> Any:
     from lightning_shrink import QuantizationAwareTraining
 
-    return QuantizationAwareTraining(weight_bits=8, activations="dynamic")
+    return QuantizationAwareTraining(
+        weight_bits=8,
+        activations="dynamic",
+        embedding_bits=cfg.embedding_bits,
+        embedding_group_size=cfg.embedding_group_size if cfg.embedding_bits == 4 else None,
+    )
 
 
 def _distillation_callback(cfg: DemoConfig, teacher: torch.nn.Module) -> Any:

@@ -129,6 +129,12 @@ def prepare_qat(
     layers = select_layers(model, modules, exclude_modules, embeddings)
     names = sorted(set(already) | set(layers))
     for name, m in layers.items():
+        group = settings.embedding_group_size
+        if isinstance(m, nn.Embedding) and group is not None and m.embedding_dim % group:
+            raise ValueError(
+                f"QuantizationAwareTraining: `embedding_group_size={group}` does not divide the "
+                f"embedding dimension {m.embedding_dim} of layer {name!r}; choose a divisor or exclude it"
+            )
         if settings.group_size is not None and not isinstance(m, (nn.Embedding, nn.modules.conv._ConvNd)):
             in_features = m.weight.shape[0 if getattr(m, "nf", None) is not None else 1]
             if in_features % settings.group_size:
@@ -136,6 +142,7 @@ def prepare_qat(
                     f"QuantizationAwareTraining: `group_size={settings.group_size}` does not divide the "
                     f"{in_features} input features of layer {name!r}; choose a divisor or exclude it"
                 )
+    for m in layers.values():  # only once every layer passed the checks: no half-prepared model
         prepare_module(m, settings)
     return names
 
@@ -152,7 +159,7 @@ class QuantizationAwareTraining(TechniqueCallback):
 
     Args:
         weight_bits: ``8`` (int8, per output channel) or ``4`` (int4, per output channel or per
-            group of ``group_size`` input features). Embeddings always use int8 per row.
+            group of ``group_size`` input features) for linear layers and convolutions.
         activations: ``"dynamic"``: int8 per token, scale from each token's own range (convolutions:
             per tensor); ``"static"``: uint8 per tensor with a range observed by a moving-average
             min/max observer; ``None``: weight-only.
@@ -166,10 +173,15 @@ class QuantizationAwareTraining(TechniqueCallback):
             relative to the LightningModule. ``None``: every supported layer (``nn.Linear``,
             ``nn.Conv1d/2d/3d``, transformers' ``Conv1D`` and, with ``embeddings``, ``nn.Embedding``).
         exclude_modules: Names or glob patterns of layers to keep in float (e.g. ``["*classifier*"]``).
-        embeddings: Quantize ``nn.Embedding`` tables (int8 per row). They hold about half of a
-            small BERT's weights, so an int8 export needs them.
+        embeddings: Quantize ``nn.Embedding`` tables. They hold about half of a small BERT's
+            weights, so a small export needs them.
         group_size: Input features per scale for ``weight_bits=4`` (e.g. 32, 64, 128); ``None``:
             one scale per output channel.
+        embedding_bits: ``8`` (int8, one scale per row) or ``4`` (int4, one scale per row or per
+            ``embedding_group_size`` elements of a row). An int4 table is exported two values per
+            byte: for all-MiniLM-L6-v2 the word embeddings shrink from 11.7 MB (int8) to 6.6 MB.
+        embedding_group_size: Elements of an embedding row per scale for ``embedding_bits=4``
+            (must divide the embedding dimension); ``None``: one scale per row.
         averaging_constant: Moving-average constant of the static observers.
 
     Example::
@@ -194,6 +206,8 @@ class QuantizationAwareTraining(TechniqueCallback):
         embeddings: bool = True,
         group_size: int | None = None,
         averaging_constant: float = 0.01,
+        embedding_bits: int = 8,
+        embedding_group_size: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(weight_bits, bool) or weight_bits not in _BITS:
@@ -230,11 +244,37 @@ class QuantizationAwareTraining(TechniqueCallback):
             )
         if not isinstance(embeddings, bool):
             raise TypeError(f"QuantizationAwareTraining: `embeddings` must be a bool, got {embeddings!r}")
+        if isinstance(embedding_bits, bool) or embedding_bits not in _BITS:
+            raise ValueError(
+                f"QuantizationAwareTraining: unsupported `embedding_bits={embedding_bits!r}`; choose 8 or 4"
+            )
+        if embedding_bits != 8 and not embeddings:
+            raise ValueError(
+                f"QuantizationAwareTraining: `embedding_bits={embedding_bits}` has no effect with "
+                "embeddings=False (no embedding table is quantized)"
+            )
+        if embedding_group_size is not None:
+            if embedding_bits != 4:
+                raise ValueError(
+                    "QuantizationAwareTraining: `embedding_group_size` is for embedding_bits=4; int8 "
+                    "embeddings use one scale per row"
+                )
+            if (
+                isinstance(embedding_group_size, bool)
+                or not isinstance(embedding_group_size, int)
+                or embedding_group_size <= 0
+            ):
+                raise ValueError(
+                    "QuantizationAwareTraining: `embedding_group_size` must be a positive int, "
+                    f"got {embedding_group_size!r}"
+                )
         self.settings = LayerSettings(
             weight_bits=weight_bits,
             group_size=group_size,
             activations=activations,
             averaging_constant=averaging_constant,
+            embedding_bits=embedding_bits,
+            embedding_group_size=embedding_group_size,
         )
         self.start_step = start_step
         self.freeze_observers_step = freeze_observers_step

@@ -11,7 +11,10 @@ Export metadata, under ``metadata["quantization"]``::
      "layers": {"<qualified name>": {"class": "Int8Linear", "config": {...}}, ...}}
 
 Each layer's tensors are ``<name>.weight`` (int8), ``<name>.weight_scale`` (float32) and, when
-present, ``<name>.bias``, ``<name>.input_scale``, ``<name>.input_zero_point``.
+present, ``<name>.bias``, ``<name>.input_scale``, ``<name>.input_zero_point``. The weight of a
+4-bit layer (``config["weight_bits"] == 4``) is stored packed, two values per byte: a uint8 tensor
+of ``ceil(numel / 2)`` bytes, element ``2i`` in the low nibble and ``2i + 1`` in the high one, each
+as its two's complement; the layer entry's ``"int4_shape"`` gives the unpacked shape.
 """
 
 from __future__ import annotations
@@ -39,6 +42,28 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """Two int4 values (int8 tensor, each in ``[-8, 7]``) per uint8, flattened; see module docs."""
+    flat = values.reshape(-1).to(torch.uint8) & 0x0F
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    pairs = flat.view(-1, 2)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """The int8 tensor of ``shape`` that :func:`pack_int4` packed."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 1) // 2:
+        raise ValueError(
+            f"packed int4 tensor of {packed.numel()} {packed.dtype} values does not hold shape {shape}"
+        )
+    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[:numel].to(torch.int16)
+    return torch.where(nibbles > 7, nibbles - 16, nibbles).to(torch.int8).reshape(shape)
+
+
 @hookimpl
 def shrink_convert(model: nn.Module) -> None:
     for name, module in [(n, m) for n, m in model.named_modules() if n and is_prepared(m)]:
@@ -64,6 +89,9 @@ def shrink_export(
         else:
             continue
         layers[name] = {"class": type(int8).__name__, "config": int8.config()}
+        if int8.weight_bits == 4:
+            layers[name]["int4_shape"] = list(int8.weight.shape)
+            tensors[f"{name}.weight"] = pack_int4(tensors[f"{name}.weight"])
     if layers:
         metadata[METADATA_KEY] = {"format_version": FORMAT_VERSION, "layers": layers}
 
@@ -86,6 +114,11 @@ def shrink_load(tensors: MutableMapping[str, torch.Tensor], metadata: Mapping[st
         if layer["class"] not in INT8_CLASSES:
             raise ValueError(f"export: layer {name!r} has unknown quantized class {layer['class']!r}")
         weight, scale = tensors.get(f"{name}.weight"), tensors.get(f"{name}.weight_scale")
+        if weight is not None and "int4_shape" in layer:
+            try:
+                weight = tensors[f"{name}.weight"] = unpack_int4(weight, layer["int4_shape"])
+            except ValueError as exc:
+                raise ValueError(f"export: quantized layer {name!r}: {exc}") from exc
         if weight is None or scale is None or weight.dtype != torch.int8:
             raise ValueError(
                 f"export: quantized layer {name!r} needs an int8 '{name}.weight' and a "
@@ -116,6 +149,9 @@ def shrink_report_rows(trainer: pl.Trainer | None, model: nn.Module) -> list[Rep
         bits = sorted({m.shrink_qat.weight_bits for m in prepared})
         rows.append(ReportRow("quantization", "fake-quantized layers", len(prepared)))
         rows.append(ReportRow("quantization", "weight bits", bits[0] if len(bits) == 1 else bits))
+        tables = [m for m in prepared if isinstance(m, nn.Embedding)]
+        if tables:
+            rows.append(ReportRow("quantization", "embedding bits", tables[0].shrink_qat.embedding_bits))
     if converted:
         rows.append(ReportRow("quantization", "int8 layers", len(converted)))
     return rows

@@ -60,6 +60,8 @@ class LayerSettings:
     weight_bits: int = 8
     group_size: int | None = None
     activations: str | None = "dynamic"
+    embedding_bits: int = 8
+    embedding_group_size: int | None = None
     averaging_constant: float = 0.01
     fake_quant_enabled: bool = True
     observer_enabled: bool = True
@@ -168,17 +170,22 @@ class FakeQuantConv3d(_FakeQuantConvMixin, nn.Conv3d):
 
 
 class FakeQuantEmbedding(nn.Embedding):
-    """``nn.Embedding`` whose looked-up rows are fake-quantized to int8 with one symmetric scale per
-    row (computing it from the gathered rows equals per-row quantization of the table, at the cost
-    of the batch's tokens instead of the whole vocabulary)."""
+    """``nn.Embedding`` whose looked-up rows are fake-quantized with symmetric scales per row (int8,
+    or int4 per row or per group of ``embedding_group_size`` elements). Computing the scales from
+    the gathered rows equals quantizing the whole table row by row, at the cost of the batch's
+    tokens instead of the whole vocabulary."""
 
     shrink_qat: LayerSettings
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         out = super().forward(input)
-        if not self.shrink_qat.fake_quant_enabled:
+        s = self.shrink_qat
+        if not s.fake_quant_enabled:
             return out
-        return fake_quantize_activation_per_token(out)
+        if s.embedding_bits == 8:
+            return fake_quantize_activation_per_token(out)
+        rows = out.reshape(-1, self.embedding_dim)
+        return fake_quantize_weight(rows, 0, s.embedding_bits, s.embedding_group_size).reshape(out.shape)
 
 
 def _hf_conv1d_class() -> type | None:
@@ -543,35 +550,60 @@ class Int8Conv(_Int8Base):
 
 
 class Int8Embedding(_Int8Base):
-    """An embedding table stored as int8 with one symmetric scale per row; looked-up rows are
-    dequantized (4x smaller than float32 with the same values as the fake-quantized table)."""
+    """An embedding table stored as int8 values with symmetric scales; looked-up rows are
+    dequantized, with the same values as the fake-quantized table.
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None) -> None:
+    State: ``weight`` (int8, ``(num_embeddings, embedding_dim)``; for ``weight_bits=4`` the values
+    lie in ``[-7, 7]`` and :func:`lightning_shrink.export` packs two per byte) and ``weight_scale``
+    (float32, ``(num_embeddings,)``, or ``(num_embeddings, embedding_dim // group_size)``).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        weight_bits: int = 8,
+        group_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.weight_bits, self.group_size = weight_bits, group_size
+        n_scale = (num_embeddings,) if group_size is None else (num_embeddings, embedding_dim // group_size)
         self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(num_embeddings))
+        self.register_buffer("weight_scale", torch.ones(n_scale))
 
     def config(self) -> dict[str, Any]:
         return dict(
-            num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim, padding_idx=self.padding_idx
+            num_embeddings=self.num_embeddings,
+            embedding_dim=self.embedding_dim,
+            padding_idx=self.padding_idx,
+            weight_bits=self.weight_bits,
+            group_size=self.group_size,
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(input, self.weight).float()
-        return rows * F.embedding(input, self.weight_scale.unsqueeze(1))
+        scales = F.embedding(input, self.weight_scale.reshape(self.num_embeddings, -1))
+        if self.group_size is None:
+            return rows * scales
+        grouped = rows.reshape(*rows.shape[:-1], -1, self.group_size) * scales.unsqueeze(-1)
+        return grouped.reshape(rows.shape)
 
     @classmethod
     def from_prepared(cls, module: nn.Module) -> Int8Embedding:
         """Build from a fake-quantized ``nn.Embedding``."""
-        new = cls(module.num_embeddings, module.embedding_dim, module.padding_idx)
-        q, scale = _quantize(module.weight, 0, 8, None)
+        s: LayerSettings = module.shrink_qat
+        bits, group_size = s.embedding_bits, s.embedding_group_size
+        new = cls(module.num_embeddings, module.embedding_dim, module.padding_idx, bits, group_size)
+        q, scale = _quantize(module.weight, 0, bits, group_size)
         new.weight.copy_(q)
         new.weight_scale.copy_(scale)
         return new
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+        group = f", group_size={self.group_size}" if self.group_size is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, int{self.weight_bits}{group}"
 
 
 INT8_CLASSES: dict[str, type[_Int8Base]] = {

@@ -26,11 +26,16 @@ def run_multiprocess_script(
     """Run ``python script *args`` and return the finished process.
 
     Entry-point plugins are not loaded (``LIGHTNING_SHRINK_DISABLE_PLUGIN_AUTOLOAD=1``) and each
-    process uses one thread (``OMP_NUM_THREADS=1``) unless ``env`` says otherwise. Raises
-    ``AssertionError`` with the tail of the script's output when it exits non-zero.
+    process uses one thread (``OMP_NUM_THREADS=1``) unless ``env`` says otherwise. The script
+    imports the same ``lightning_shrink`` as the calling process (its directory is put first on
+    ``PYTHONPATH``). Raises ``AssertionError`` with the tail of the script's output when it exits
+    non-zero.
     """
+    package_root = str(Path(__file__).resolve().parents[2])
+    pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
     environ = {
         **os.environ,
+        "PYTHONPATH": pythonpath,
         "LIGHTNING_SHRINK_DISABLE_PLUGIN_AUTOLOAD": "1",
         "OMP_NUM_THREADS": "1",
         **(env or {}),
