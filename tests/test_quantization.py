@@ -512,3 +512,21 @@ def test_qat_with_int4_embeddings_on_tiny_bert_trains_converts_and_exports(tmp_p
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, converted(**inputs).logits, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_qat_under_fsdp2_two_processes(tmp_path):
+    script = Path(__file__).parent / "scripts" / "quantization_fsdp2.py"
+    run_multiprocess_script(script, tmp_path, cwd=tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    # Prepared before sharding, then sharded: 36 output rows split 18/18, all 3 Linear layers fake-quantized.
+    assert r0["sharded"] and r0["local_rows"] == r1["local_rows"] == 18
+    assert r0["prepared"] == r1["prepared"] == 3
+    for name, w in r0["weights"].items():
+        assert torch.equal(w, r1["weights"][name]), name
+    for r in (r0, r1):
+        # The sharded model computes exactly what an unsharded copy with the same settings computes,
+        # and that is fake-quantized (not the float output).
+        torch.testing.assert_close(r["sharded_out"], r["reference_out"], atol=1e-6, rtol=0)
+        assert not torch.allclose(r["sharded_out"], r["float_out"], atol=1e-6)
+        torch.testing.assert_close(r["converted_out"], r["reference_out"], atol=KERNEL_TOLERANCE, rtol=0)
