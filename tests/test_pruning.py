@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -448,3 +449,23 @@ def test_selection_by_name_type_and_parameter():
         select_targets(model, **{**base, "sparsity_overrides": {"*.nothing": 0.9}})
     model.model.bert.encoder.requires_grad_(False)  # frozen parameters are never pruned
     assert {t.name for t in select_targets(model, **base)} == {"model.bert.pooler.dense.weight"}
+
+
+def test_global_threshold_that_empties_a_layer_warns_once_naming_it():
+    torch.manual_seed(0)
+    model = TinyClassifier(optimizer="adamw", lr=1e-4)
+    with torch.no_grad():
+        model.net[2].weight.mul_(1e-3)  # an untrained-looking layer: all its weights are the smallest
+    pruning = GradualMagnitudePruning(0.7, end_step=4, frequency=1)
+    with pytest.warns(UserWarning, match=r"global threshold removed every weight of net\.2\.weight") as rec:
+        cpu_trainer(callbacks=[pruning], max_epochs=1).fit(model, _loader())
+    assert pruning.plugin.layer_sparsity["net.2.weight"] == 1.0
+    assert sum("removed every weight" in str(w.message) for w in rec) == 1  # once, not at every update
+
+    layerwise = TinyClassifier(optimizer="adamw", lr=1e-4)
+    layerwise.load_state_dict(model.state_dict() | {"net.2.weight": torch.randn(32, 32)})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*removed every weight")
+        cpu_trainer(callbacks=[GradualMagnitudePruning(0.7, end_step=4, frequency=1, scope="layer")]).fit(
+            layerwise, _loader()
+        )

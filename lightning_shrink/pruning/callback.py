@@ -249,6 +249,7 @@ class PruningPlugin:
         self.sparsity = 0.0
         self.target_now = 0.0
         self.layer_sparsity: dict[str, float] = {}
+        self._warned_emptied: set[str] = set()
         self._restored: Mapping[str, Any] | None = None
         self._started = False
         self._layers_pending = False
@@ -466,7 +467,24 @@ class PruningPlugin:
         self.update_count += 1
         self._layers_pending = True
         self._refresh_stats(step)
+        self._warn_emptied_layers(step)
         self._zero_optimizer_state(trainer)
+
+    def _warn_emptied_layers(self, step: int) -> None:
+        """A shared (global) threshold can remove a whole layer whose weights are all small, e.g. a
+        head the pretrained checkpoint never trained; the model then silently loses that layer."""
+        emptied = [
+            name for name, s in self.layer_sparsity.items() if s >= 1.0 and name not in self._warned_emptied
+        ]
+        if not emptied:
+            return
+        self._warned_emptied.update(emptied)
+        rank_zero_warn(
+            f"GradualMagnitudePruning: at step {step} the {self.config.scope} threshold removed every "
+            f"weight of {', '.join(emptied)} (the layer now outputs its bias alone). If that is not "
+            "intended, use scope='layer', cap it with sparsity_overrides={name: ...}, or list it in "
+            "exclude_modules."
+        )
 
     def _broadcast(self, keeps: list[torch.Tensor]) -> list[torch.Tensor]:
         """Under DDP, every rank takes rank 0's masks (bitwise identical masks on all ranks)."""
