@@ -346,7 +346,9 @@ class _QATPlugin:
         if saved is None:
             return
         mine = self.config.settings.to_dict()
-        if saved.get("settings", mine) != mine or sorted(saved.get("layers", self.layers)) != self.layers:
+        # Settings added later have defaults that reproduce the older behaviour.
+        theirs = {**LayerSettings().to_dict(), **saved.get("settings", mine)}
+        if theirs != mine or sorted(saved.get("layers", self.layers)) != self.layers:
             missing = sorted(set(saved.get("layers", [])) ^ set(self.layers))
             raise ValueError(
                 "QuantizationAwareTraining: the checkpoint was trained with a different quantization "
