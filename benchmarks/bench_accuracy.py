@@ -21,9 +21,9 @@ Usage::
 
 ``--quick`` uses 2,000 training / 400 test snippets, a 96-step teacher and 64-step variants at a
 higher learning rate (about 6 minutes on 2 idle CPU cores; a rough, noisy estimate: pruning to 80 %
-within ~40 steps costs accuracy that longer runs recover). The full run uses all 10,231 / 2,577
-snippets, a 600-step teacher and 800-step variants (about 70 minutes on 2 CPU cores; minutes on a
-GPU with ``--accelerator gpu``). Training may run on a GPU
+within ~40 steps costs more accuracy than the full run's 800 steps). The full run uses all 10,231 / 2,577
+snippets, a 600-step teacher and 800-step variants (41 minutes measured on 2 idle CPU cores;
+minutes on a GPU with ``--accelerator gpu``). Training may run on a GPU
 (``--accelerator gpu``); converted int8 models are always evaluated and timed on the CPU.
 Writes ``benchmarks/results/accuracy.json`` and prints a markdown section.
 """

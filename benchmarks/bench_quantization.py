@@ -215,7 +215,7 @@ def main() -> None:
     int8_bytes = dir_size(ls.export(int8, tmp / "int8"))
     pruned = copy.deepcopy(base)
     prune_linear_(pruned, 0.8)
-    pruned_int8 = ls.convert(ours_variant(pruned))
+    pruned_int8 = ls.convert(ours_variant(copy.deepcopy(pruned)))
     pm = ls.get_plugin_manager()
     sparse_codec = sorted(
         impl.plugin_name for impl in pm.hook.shrink_export.get_hookimpls() if impl.plugin_name != "int8"

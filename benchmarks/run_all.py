@@ -134,7 +134,7 @@ GOALS: tuple[Goal, ...] = (
     ),
     Goal(
         "accuracy",
-        "80% sparsity + int8 + distillation (converted), accuracy vs dense (points)",
+        "80% sparsity + int8 (int4 embeddings) + distillation (converted), accuracy vs dense (points)",
         (("points_vs_dense", "sparse80_int8_kd"),),
         ">=",
         -1.5,
@@ -142,7 +142,7 @@ GOALS: tuple[Goal, ...] = (
     ),
     Goal(
         "accuracy",
-        "FP32 checkpoint size / export size of the 80% + int8 + KD model",
+        "FP32 checkpoint size / export size of the 80% + int8 (int4 embeddings) + KD model",
         (("export_ratio_fp32_over", "sparse80_int8_kd"),),
         ">=",
         6.0,
