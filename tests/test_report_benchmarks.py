@@ -60,6 +60,8 @@ def test_page_checks_goals_and_says_by_how_much_they_are_missed(run_all, tmp_pat
     assert "| -2.5 points | >= -1 points | **no** | 1.5 points" in row("80% sparsity + distillation")
     assert "| -0.1 points | >= -0.5 points | yes |" in row("int8 QAT (converted)")
     assert "not measured (no result file)" in row("DifferentialPrivacy")
-    assert "not measured (number not found in its JSON)" in row("80% sparsity + int8 + distillation")
+    assert "not measured (number not found in its JSON)" in row(
+        "80% sparsity + int8 (int4 embeddings) + distillation"
+    )
     assert "| accuracy | `python x.py --quick` |" in text
     assert "## quantization" in text and "| batch1_speedup_int8_over_fp32 | 2.6 |" in text
