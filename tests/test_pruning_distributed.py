@@ -48,25 +48,16 @@ _FSDP2_SCRIPT = textwrap.dedent(
     """
     import os, sys
     import torch
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard
     from torch.utils.data import DataLoader
     from lightning.pytorch.strategies import ModelParallelStrategy
     from lightning_shrink import GradualMagnitudePruning
     from lightning_shrink.pruning.callback import PruningPlugin
     from lightning_shrink.pruning.masks import Comm, compute_masks
-    from lightning_shrink.testing.models import TinyClassifier, cpu_trainer, random_classification_data
+    from lightning_shrink.testing.models import ShardedTinyClassifier, cpu_trainer, random_classification_data
 
     out = sys.argv[1]
     pattern, scope = sys.argv[2], sys.argv[3]
-
-    class Sharded(TinyClassifier):
-        def configure_model(self):
-            mesh = self.device_mesh["data_parallel"]
-            for layer in (*self.net, self.classifier):
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(self, mesh=mesh)
 
     def full(t, like):
         mesh = like.device_mesh
@@ -96,7 +87,7 @@ _FSDP2_SCRIPT = textwrap.dedent(
 
     PruningPlugin._update = checked_update
     torch.manual_seed(0)
-    model = Sharded(hidden=36, optimizer="adamw", lr=0.05)
+    model = ShardedTinyClassifier(hidden=36, optimizer="adamw", lr=0.05)
     overrides = {"net.0": 0.5} if scope == "global" else None
     cb = GradualMagnitudePruning(0.75, end_step=6, frequency=2, pattern=pattern, scope=scope,
                                  sparsity_overrides=overrides)

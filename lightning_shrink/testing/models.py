@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 __all__ = [
+    "ShardedTinyClassifier",
     "TinyClassifier",
     "TinyTransformerClassifier",
     "TokenClassificationDataset",
@@ -78,6 +79,21 @@ class TinyClassifier(pl.LightningModule):
         if self.hparams.optimizer == "adamw":
             return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+class ShardedTinyClassifier(TinyClassifier):
+    """:class:`TinyClassifier` sharded with FSDP2 for ``ModelParallelStrategy``: each ``Linear`` and
+    then the whole module are ``fully_shard``-ed over the ``"data_parallel"`` mesh dimension in
+    ``configure_model`` (weights split along dim 0 across the ranks)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (*self.net, self.classifier):
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
 
 
 def tiny_bert(

@@ -7,28 +7,23 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 import lightning_shrink as ls
 from lightning_shrink.quantization import is_prepared, prepare_qat
-from lightning_shrink.testing.models import TinyClassifier, cpu_trainer, random_classification_data
+from lightning_shrink.testing.models import (
+    ShardedTinyClassifier,
+    TinyClassifier,
+    cpu_trainer,
+    random_classification_data,
+)
 
 out = Path(sys.argv[1])
 
 
-class Sharded(TinyClassifier):
-    def configure_model(self):
-        mesh = self.device_mesh["data_parallel"]
-        for layer in (*self.net, self.classifier):
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
-
-
 torch.manual_seed(0)
-model = Sharded(hidden=36, optimizer="adamw", lr=0.01)
+model = ShardedTinyClassifier(hidden=36, optimizer="adamw", lr=0.01)
 qat = ls.QuantizationAwareTraining(weight_bits=8, activations="dynamic")
 strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 trainer = cpu_trainer(callbacks=[qat], strategy=strategy, devices=2, max_steps=6)
