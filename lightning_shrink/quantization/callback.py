@@ -33,6 +33,21 @@ def _check_step(name: str, value: Any, allow_none: bool) -> None:
         raise ValueError(f"QuantizationAwareTraining: `{name}` must be {allowed}, got {value!r}")
 
 
+def _check_bits(name: str, value: Any) -> None:
+    if isinstance(value, bool) or value not in _BITS:
+        raise ValueError(f"QuantizationAwareTraining: unsupported `{name}={value!r}`; choose 8 or 4")
+
+
+def _check_group_size(name: str, value: Any, bits_name: str, bits: int, int8_scales: str) -> None:
+    """``value`` (a group size for 4-bit values) must be None, or a positive int with ``bits == 4``."""
+    if value is None:
+        return
+    if bits != 4:
+        raise ValueError(f"QuantizationAwareTraining: `{name}` is for {bits_name}=4; int8 {int8_scales}")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"QuantizationAwareTraining: `{name}` must be a positive int, got {value!r}")
+
+
 def _as_patterns(name: str, value: str | Sequence[str] | None) -> list[str] | None:
     if value is None:
         return None
@@ -210,10 +225,7 @@ class QuantizationAwareTraining(TechniqueCallback):
         embedding_group_size: int | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(weight_bits, bool) or weight_bits not in _BITS:
-            raise ValueError(
-                f"QuantizationAwareTraining: unsupported `weight_bits={weight_bits!r}`; choose 8 or 4"
-            )
+        _check_bits("weight_bits", weight_bits)
         if activations not in _ACTIVATIONS:
             raise ValueError(
                 f"QuantizationAwareTraining: `activations` must be 'dynamic', 'static' or None, "
@@ -227,16 +239,9 @@ class QuantizationAwareTraining(TechniqueCallback):
                 "QuantizationAwareTraining: `freeze_observers_step` applies to activations='static' "
                 f"only (activations={activations!r} has no observers)"
             )
-        if group_size is not None:
-            if weight_bits != 4:
-                raise ValueError(
-                    "QuantizationAwareTraining: `group_size` is for weight_bits=4; int8 weights use one "
-                    "scale per output channel"
-                )
-            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-                raise ValueError(
-                    f"QuantizationAwareTraining: `group_size` must be a positive int, got {group_size!r}"
-                )
+        _check_group_size(
+            "group_size", group_size, "weight_bits", weight_bits, "weights use one scale per output channel"
+        )
         if not 0.0 < averaging_constant <= 1.0:
             raise ValueError(
                 "QuantizationAwareTraining: `averaging_constant` must be in (0, 1], "
@@ -244,30 +249,19 @@ class QuantizationAwareTraining(TechniqueCallback):
             )
         if not isinstance(embeddings, bool):
             raise TypeError(f"QuantizationAwareTraining: `embeddings` must be a bool, got {embeddings!r}")
-        if isinstance(embedding_bits, bool) or embedding_bits not in _BITS:
-            raise ValueError(
-                f"QuantizationAwareTraining: unsupported `embedding_bits={embedding_bits!r}`; choose 8 or 4"
-            )
+        _check_bits("embedding_bits", embedding_bits)
         if embedding_bits != 8 and not embeddings:
             raise ValueError(
                 f"QuantizationAwareTraining: `embedding_bits={embedding_bits}` has no effect with "
                 "embeddings=False (no embedding table is quantized)"
             )
-        if embedding_group_size is not None:
-            if embedding_bits != 4:
-                raise ValueError(
-                    "QuantizationAwareTraining: `embedding_group_size` is for embedding_bits=4; int8 "
-                    "embeddings use one scale per row"
-                )
-            if (
-                isinstance(embedding_group_size, bool)
-                or not isinstance(embedding_group_size, int)
-                or embedding_group_size <= 0
-            ):
-                raise ValueError(
-                    "QuantizationAwareTraining: `embedding_group_size` must be a positive int, "
-                    f"got {embedding_group_size!r}"
-                )
+        _check_group_size(
+            "embedding_group_size",
+            embedding_group_size,
+            "embedding_bits",
+            embedding_bits,
+            "embeddings use one scale per row",
+        )
         self.settings = LayerSettings(
             weight_bits=weight_bits,
             group_size=group_size,
