@@ -199,6 +199,13 @@ def main() -> None:
         "torch fake-quant ops": torch_ops_variant(copy.deepcopy(base)),
     }
     if not args.no_torchao:
+        import importlib.util
+
+        if importlib.util.find_spec("torchao") is None:
+            raise SystemExit(
+                "bench_quantization: the torchao peer needs torchao: pip install -e '.[benchmarks]' "
+                "(or pass --no-torchao)"
+            )
         variants["torchao QATConfig"] = torchao_variant(copy.deepcopy(base))
     train, train_cpu = time_train_steps(variants, train_batch, reps, steps)
     med = {k: statistics.median(v) for k, v in train.items()}

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lightning_shrink.hookspecs import hookimpl
-from lightning_shrink.report import ReportRow
+from lightning_shrink.types import ReportRow
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

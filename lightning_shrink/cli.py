@@ -295,7 +295,7 @@ def plugins_parser() -> argparse.ArgumentParser:
 def describe_plugins(block: Sequence[str] = (), autoload: bool | None = None) -> str:
     """The text of ``lightning-shrink plugins``."""
     import lightning_shrink
-    from lightning_shrink.callback import TechniqueCallback
+    from lightning_shrink.lightning.technique import TechniqueCallback
     from lightning_shrink.manager import BUILTIN_PLUGINS, ESSENTIAL_PLUGINS, get_plugin_manager
 
     pm = get_plugin_manager(block_plugins=block, autoload=autoload)

@@ -20,6 +20,7 @@ import difflib
 import importlib
 import os
 import sys
+import types
 from collections.abc import Iterable, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -147,10 +148,31 @@ class ShrinkPluginManager(pluggy.PluginManager):
         hook in a way pluggy rejects.
         """
         try:
-            return super().register(plugin, name)
+            registered = super().register(plugin, name)
         except PluginValidationError as exc:
-            plugin_name = name or self.get_canonical_name(plugin)
-            raise self._plugin_error(plugin_name, str(exc)) from exc
+            raise self._plugin_error(name or self.describe(plugin), str(exc)) from exc
+        if registered is not None:
+            # Historic, like pytest_plugin_registered: plugins learn their own name from it.
+            self.hook.shrink_plugin_registered.call_historic(
+                kwargs=dict(plugin=plugin, plugin_name=registered, pluginmanager=self)
+            )
+        return registered
+
+    @staticmethod
+    def describe(plugin: Any) -> str:
+        """A readable name for a plugin object: a module's name, or an instance's qualified class
+        name (pluggy names unnamed instances by their ``id()``, which no one can read)."""
+        if isinstance(plugin, types.ModuleType):
+            return plugin.__name__
+        cls = plugin if isinstance(plugin, type) else type(plugin)
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    def label(self, plugin_name: str) -> str:
+        """``plugin_name``, or for a plugin registered without a name the :meth:`describe` of it."""
+        plugin = self.get_plugin(plugin_name)
+        if plugin is not None and plugin_name == str(id(plugin)):
+            return f"{self.describe(plugin)} (registered without a name)"
+        return plugin_name
 
     def block(self, name: str) -> None:
         """Block the plugin called ``name``; unregisters it if it is registered."""
@@ -219,7 +241,7 @@ class ShrinkPluginManager(pluggy.PluginManager):
                 close = difflib.get_close_matches(name, self.hook_names(), n=3)
                 hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
                 raise self._plugin_error(
-                    impl.plugin_name,
+                    self.label(impl.plugin_name),
                     f"implements unknown hook {name!r} (no hook specification of that name{hint})",
                 )
 

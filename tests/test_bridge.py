@@ -45,7 +45,7 @@ class Counter:
 
     @hookimpl
     def shrink_progress_bar_metrics(self):
-        return {f"{self.prefix}_steps_seen": float(self.steps)}
+        return {f"{self.prefix}/steps_seen": float(self.steps), f"{self.prefix}/steps": float(self.steps)}
 
 
 class Technique(TechniqueCallback):
@@ -66,11 +66,14 @@ def loader(n=64, batch_size=8, shuffle=False):
 def test_hook_call_order_during_fit(cpu_trainer, tiny_module, tiny_dataloader, shrink_recorder):
     trainer = cpu_trainer(max_steps=2)
     trainer.fit(tiny_module, tiny_dataloader)
-    names = [n for n in shrink_recorder.names() if n != "shrink_report_rows"]
+    names = [
+        n for n in shrink_recorder.names() if n not in ("shrink_report_rows", "shrink_plugin_registered")
+    ]
     per_step = [
         "shrink_train_batch_start",
         "shrink_loss_weight",
         "shrink_training_loss",
+        "shrink_after_backward",
         "shrink_before_optimizer_step",
         "shrink_after_optimizer_step",
         "shrink_metrics",
@@ -78,9 +81,14 @@ def test_hook_call_order_during_fit(cpu_trainer, tiny_module, tiny_dataloader, s
     ]
     assert names == [
         "shrink_setup",
+        "shrink_configure_model",
+        # shrink_optimizer_param_groups and shrink_ddp_comm_hook are called per implementation
+        # (none here; the latter only under DDP).
         "shrink_fit_start",
+        "shrink_train_epoch_start",
         *per_step,
         *per_step,
+        "shrink_train_epoch_end",
         "shrink_fit_end",
         "shrink_teardown",
     ]
@@ -181,7 +189,8 @@ def test_shrink_training_loss_and_shrink_loss_weight_change_the_gradient(shrink_
     torch.testing.assert_close(w1, w0 - lr * g)
     w0, g, w1, trainer = one_step(True)
     torch.testing.assert_close(w1, w0 - lr * (weight * g + 2 * c * w0))
-    assert "shrink/l2" in trainer.logged_metrics and "shrink/task_loss" in trainer.logged_metrics
+    assert "l2" in trainer.callback_metrics and "shrink/task_loss" in trainer.callback_metrics
+    assert trainer.callback_metrics["shrink/task_loss_weight"] == weight
 
 
 def test_shrink_metrics_and_shrink_progress_bar_metrics_are_logged(tiny_module, tmp_path):
@@ -190,8 +199,17 @@ def test_shrink_metrics_and_shrink_progress_bar_metrics_are_logged(tiny_module, 
     )
     trainer.fit(tiny_module, loader())
     assert trainer.logged_metrics["counter/steps"] == 3.0
-    assert trainer.progress_bar_metrics["counter_steps_seen"] == 3.0
-    assert "counter_steps_seen" not in trainer.logged_metrics
+    assert trainer.progress_bar_metrics["counter/steps_seen"] == 3.0
+    assert "counter/steps_seen" not in trainer.logged_metrics
+    # A key that is both a metric and a progress-bar value is logged once, to both.
+    assert trainer.progress_bar_metrics["counter/steps"] == 3.0
+
+
+def test_metrics_without_a_logger_reach_callback_metrics_without_warnings(tiny_module, recwarn):
+    trainer = cpu_trainer(callbacks=[Technique()], max_steps=3, logger=False)
+    trainer.fit(tiny_module, loader())
+    assert trainer.callback_metrics["counter/steps"] == 3.0
+    assert not [w for w in recwarn if "no logger configured" in str(w.message)]
 
 
 def test_technique_callback_brings_the_bridge_and_list_order_does_not_matter(tiny_module):
@@ -285,10 +303,11 @@ def test_shrink_save_state_and_shrink_load_state_round_trip_through_a_resumed_fi
     trainer.fit(model, loader(), ckpt_path=tmp_path / "last.ckpt")
     plugin = resumed.plugin
     assert plugin.loaded_state == {"counter": {"steps": 8}}
-    # State was restored before the checkpoint's weights were loaded into the model.
-    torch.testing.assert_close(plugin.weights_at_load, fresh_weights)
+    # Restored through the Callback's own checkpoint hook, after Lightning loaded the weights.
+    torch.testing.assert_close(plugin.weights_at_load, saved["state_dict"]["classifier.weight"])
     assert not torch.equal(saved["state_dict"]["classifier.weight"], fresh_weights)
     assert plugin.steps == 16 and trainer.global_step == 16
+    assert "on_load_checkpoint" not in model.__dict__
 
 
 def test_test_with_ckpt_path_runs_setup_and_load_state(tmp_path, cpu_trainer, shrink_recorder):
@@ -300,6 +319,7 @@ def test_test_with_ckpt_path_runs_setup_and_load_state(tmp_path, cpu_trainer, sh
     trainer.test(model, loader(), ckpt_path="last")
     setup = shrink_recorder.assert_called("shrink_setup", times=1)[0]
     assert setup.stage == "test"
+    assert shrink_recorder.assert_called("shrink_configure_model", times=1)[0].stage == "test"
     loaded = shrink_recorder.assert_called("shrink_load_state", times=1)[0]
     assert loaded.state == {"counter": {"steps": 8}}
     shrink_recorder.assert_called("shrink_teardown", times=1)

@@ -72,12 +72,12 @@ def test_kl_term_matches_hand_computed_reference_and_alpha_schedule_weights_the_
     rec = Recorder()
     cpu_trainer(max_steps=3, callbacks=[kd, rec]).fit(student, loader)
 
-    assert rec.metrics[0]["shrink/distill/kl"] == pytest.approx(0.25 * expected, rel=1e-5)
+    assert rec.metrics[0]["distillation/kl"] == pytest.approx(0.25 * expected, rel=1e-5)
     for step, alpha in enumerate(alphas):
         m = rec.metrics[step]
         # final loss = (1 - alpha) * task loss + alpha * KL (the logged term already carries alpha)
-        assert rec.losses[step] == pytest.approx((1 - alpha) * m["shrink/task_loss"] + m["shrink/distill/kl"])
-        assert m["shrink/distill/kl"] > 0
+        assert rec.losses[step] == pytest.approx((1 - alpha) * m["shrink/task_loss"] + m["distillation/kl"])
+        assert m["distillation/kl"] > 0
     # the teacher is frozen, in eval mode, untouched by training
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
 
@@ -125,8 +125,8 @@ def test_hidden_mse_across_widths_matches_reference_and_gradients_reach_student_
     probe, rec = Probe(), Recorder()
     cpu_trainer(max_steps=3, callbacks=[kd, probe, rec]).fit(student, token_dataloader(n=32))
 
-    assert rec.metrics[0]["shrink/distill/hidden_mse"] == pytest.approx(probe.reference, rel=1e-5)
-    assert rec.losses[0] == pytest.approx(rec.metrics[0]["shrink/distill/hidden_mse"], rel=1e-6)  # alpha = 1
+    assert rec.metrics[0]["distillation/hidden_mse"] == pytest.approx(probe.reference, rel=1e-5)
+    assert rec.losses[0] == pytest.approx(rec.metrics[0]["distillation/hidden_mse"], rel=1e-6)  # alpha = 1
     g = probe.grads
     encoder_grads = [x for x in g["student"] if x is not None]
     assert encoder_grads and sum(float(x.abs().sum()) for x in encoder_grads) > 0
@@ -247,8 +247,8 @@ def test_cache_returns_the_right_logits_under_shuffling():
     assert [b["idx"].tolist() for b in plain.batches] == order
     assert plain_calls == 12 and cached_calls == 4  # the teacher runs in the first epoch only
     assert len(kd.plugin.cache) == 32
-    kl_cached = [m["shrink/distill/kl"] for m in cached.metrics]
-    kl_plain = [m["shrink/distill/kl"] for m in plain.metrics]
+    kl_cached = [m["distillation/kl"] for m in cached.metrics]
+    kl_plain = [m["distillation/kl"] for m in plain.metrics]
     assert kl_cached == pytest.approx(kl_plain, rel=1e-5)
     assert cached.losses == pytest.approx(plain.losses, rel=1e-5)
 
@@ -284,7 +284,7 @@ def test_gpt2_from_a_directory_in_bfloat16_with_kl_cosine_and_attention(tmp_path
     assert type(teacher).__name__ == "GPT2ForSequenceClassification"
     assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
     for name in ("kl", "hidden_cosine", "attention"):
-        values = [m[f"shrink/distill/{name}"] for m in rec.metrics]
+        values = [m[f"distillation/{name}"] for m in rec.metrics]
         assert all(math.isfinite(v) and v > 0 for v in values), (name, values)
     # attention maps needed eager attention during fit; the student's setting is restored after
     assert student.model.config._attn_implementation == "sdpa"
@@ -336,7 +336,7 @@ def test_record_hook_for_a_student_called_twice():
     cpu_trainer(max_steps=2, callbacks=[KnowledgeDistillation(TinyClassifier(hidden=48)), rec]).fit(
         student, loader
     )
-    assert all(m["shrink/distill/kl"] > 0 for m in rec.metrics)
+    assert all(m["distillation/kl"] > 0 for m in rec.metrics)
     # without a distillation callback, record() does nothing and the module trains as before
     cpu_trainer(max_steps=1).fit(student, loader)
 
@@ -358,10 +358,10 @@ def test_two_teachers_each_with_projections():
     assert attrs.seen.get("distill_projections") == attrs.seen.get("distill_projections_2") == "ModuleDict"
     assert kd2.plugin.projections["layer_1"].weight.shape == (64, 32)
     m = rec.metrics[0]
-    assert m["shrink/distill/hidden_mse"] > 0 and m["shrink/distill-2/hidden_cosine"] > 0
-    assert m["shrink/distill/kl"] > 0 and m["shrink/distill-2/kl"] > 0
+    assert m["distillation/hidden_mse"] > 0 and m["distillation-2/hidden_cosine"] > 0
+    assert m["distillation/kl"] > 0 and m["distillation-2/kl"] > 0
     # the task loss is weighted by the product (1 - 0.3) * (1 - 0.3)
-    terms = sum(v for k, v in m.items() if k.startswith("shrink/distill"))
+    terms = sum(v for k, v in m.items() if k.startswith("distillation"))
     assert rec.losses[0] == pytest.approx(0.49 * m["shrink/task_loss"] + terms, rel=1e-5)
     assert not hasattr(student, "distill_projections") and not hasattr(student, "distill_projections_2")
 
@@ -375,7 +375,7 @@ def test_alpha_zero_skips_the_teacher_and_returns_zero_terms():
     cpu_trainer(max_steps=3, callbacks=[kd, rec]).fit(
         TinyClassifier(), DataLoader(random_classification_data(n=24), batch_size=8)
     )
-    assert [m["shrink/distill/kl"] == 0.0 for m in rec.metrics] == [True, True, False]
+    assert [m["distillation/kl"] == 0.0 for m in rec.metrics] == [True, True, False]
     assert rec.losses[0] == pytest.approx(rec.metrics[0]["shrink/task_loss"])  # weight 1 - 0
     assert len(calls) == 1  # the teacher ran only when alpha > 0
 
@@ -503,6 +503,6 @@ def test_student_attribute_override_and_submodule_layer_names():
     loader = DataLoader(random_classification_data(n=16), batch_size=8)
     cpu_trainer(max_steps=2, callbacks=[kd, rec]).fit(student, loader)
     assert kd.plugin.projections["layer_net__2"].weight.shape == (48, 32)
-    assert all(m["shrink/distill/hidden_mse"] > 0 for m in rec.metrics)
+    assert all(m["distillation/hidden_mse"] > 0 for m in rec.metrics)
     with pytest.raises(AttributeError, match="`student='encoder'` names no submodule"):
         _fit(TinyClassifier(), KnowledgeDistillation(TinyClassifier(), student="encoder"))

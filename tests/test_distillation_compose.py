@@ -26,8 +26,8 @@ class Seen(pl.Callback):
         self.mse: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.kl.append(float(trainer.callback_metrics["shrink/distill/kl"]))
-        self.mse.append(float(trainer.callback_metrics["shrink/distill/hidden_mse"]))
+        self.kl.append(float(trainer.callback_metrics["distillation/kl"]))
+        self.mse.append(float(trainer.callback_metrics["distillation/hidden_mse"]))
         self.projection_types = {type(m) for m in getattr(pl_module, PROJECTIONS_ATTRIBUTE).children()}
         self.linear_types = {type(m).__name__ for m in pl_module.model.modules() if isinstance(m, nn.Linear)}
 

@@ -43,8 +43,8 @@ SCRIPT = textwrap.dedent(
             self.wrapped = type(trainer.strategy.model).__name__
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.kl.append(float(trainer.callback_metrics["shrink/distill/kl"]))
-            self.mse = float(trainer.callback_metrics["shrink/distill/hidden_mse"])
+            self.kl.append(float(trainer.callback_metrics["distillation/kl"]))
+            self.mse = float(trainer.callback_metrics["distillation/hidden_mse"])
 
         def on_train_end(self, trainer, pl_module):
             self.proj = [p.detach().double().sum().item() for p in pl_module.distill_projections.parameters()]

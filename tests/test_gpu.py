@@ -54,8 +54,8 @@ def test_gpu_bf16_pruning_qat_distillation_together():
     assert ShrinkCallback.find(trainer) is not None
     sparsities = linear_sparsities(student.model)
     assert sparsities and all(s >= 0.45 for s in sparsities.values()), sparsities
-    assert "shrink/distill/kl" in trainer.logged_metrics or any(
-        k.startswith("shrink/distill") for k in trainer.logged_metrics
+    assert "distillation/kl" in trainer.logged_metrics or any(
+        k.startswith("distillation") for k in trainer.logged_metrics
     )
     student = student.cpu()
     int8 = convert(student.model)

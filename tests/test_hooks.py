@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_shrink import ReportRow, ShrinkCallback, get_plugin_manager, hookimpl, report
+from lightning_shrink import ReportRow, ShrinkCallback, export, get_plugin_manager, hookimpl, load, report
 from lightning_shrink.testing.models import (
     TinyTransformerClassifier,
     cpu_trainer,
@@ -35,10 +35,42 @@ def test_every_hook_is_documented(name):
     assert len(section.group(1).split()) >= 15, f"the section for {name} in docs/hooks.md is too thin"
 
 
+def hooks_named_by(test_name: str, hooks: list[str]) -> set[str]:
+    """The hooks a test's name names, longest names first (``test_shrink_load_state_x`` names
+    ``shrink_load_state``, not ``shrink_load``)."""
+    taken: list[tuple[int, int]] = []
+    named = set()
+    for hook in sorted(hooks, key=len, reverse=True):
+        for match in re.finditer(rf"(?<![a-z]){hook}(?![a-z])", test_name):
+            span = match.span()
+            if not any(a <= span[0] < b or a < span[1] <= b for a, b in taken):
+                taken.append(span)
+                named.add(hook)
+    return named
+
+
+@pytest.mark.after_all
 @pytest.mark.parametrize("name", hook_names())
 def test_every_hook_has_a_test(name):
+    """A test is named after every hook, and (when it ran in this session) really called it."""
+    from conftest import HOOK_CALLS
+
     sources = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
-    assert re.search(rf"^\s*def test_\w*{name}\w*\(", sources, re.M), f"no test function named after {name}"
+    tests = re.findall(r"^\s*def (test_\w+)\(", sources, re.M)
+    named = [t for t in tests if name in hooks_named_by(t, hook_names())]
+    assert named, f"no test function named after {name}"
+    ran = [t for t in named if t in HOOK_CALLS]
+    if not ran:
+        pytest.skip(f"the tests named after {name} did not run in this session: {named}")
+    assert any(name in HOOK_CALLS[t] for t in ran), f"none of {ran} called {name}"
+
+
+def test_hook_reference_is_generated_from_the_hookspecs():
+    from lightning_shrink._hookdocs import render
+
+    assert (ROOT / "docs" / "hooks.md").read_text() == render(), (
+        "docs/hooks.md is out of date: python -m lightning_shrink._hookdocs > docs/hooks.md"
+    )
 
 
 def test_shrink_fit_start_sees_optimizers_and_can_refuse_the_run(
@@ -169,3 +201,29 @@ def test_duplicate_metric_names_from_two_plugins_are_an_error(cpu_trainer, tiny_
     shrink_pluginmanager.register(B())
     with pytest.raises(ValueError, match="two plugins returned 'x' from shrink_metrics"):
         cpu_trainer(max_steps=1).fit(tiny_module, DataLoader(random_classification_data(8), batch_size=8))
+
+
+def test_shrink_export_and_shrink_load_let_a_plugin_encode_and_decode_tensors(tmp_path, shrink_pluginmanager):
+    class Negate:
+        """Stores every float tensor negated; decodes it back on load."""
+
+        @hookimpl
+        def shrink_export(self, tensors, metadata):
+            metadata["negate"] = sorted(k for k, v in tensors.items() if v.is_floating_point())
+            for key in metadata["negate"]:
+                tensors[key] = -tensors[key]
+
+        @hookimpl
+        def shrink_load(self, tensors, metadata):
+            for key in metadata.get("negate", []):
+                tensors[key] = -tensors[key]
+
+    shrink_pluginmanager.register(Negate(), "negate")
+    model = nn.Linear(3, 2)
+    out = export(model, tmp_path / "m", pluginmanager=shrink_pluginmanager)
+    from safetensors.torch import load_file
+
+    raw = load_file(str(out / "model.safetensors"))
+    torch.testing.assert_close(raw["weight"], -model.weight.detach())
+    loaded = load(out, model=nn.Linear(3, 2), pluginmanager=shrink_pluginmanager)
+    torch.testing.assert_close(loaded.weight, model.weight)

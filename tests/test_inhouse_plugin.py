@@ -34,7 +34,7 @@ FIT = textwrap.dedent(
         "registered": plugin is not None,
         "distribution": pm.distribution_of("gradnorm"),
         "steps": plugin.steps,
-        "logged": {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("gradnorm/")},
+        "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("gradnorm/")},
         "frozen_unchanged": bool(torch.equal(model.net[0].weight, frozen)),
         "report": [r.metric for r in report(trainer).select("gradnorm")],
     }))

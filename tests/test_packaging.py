@@ -51,3 +51,23 @@ def test_docs_links_in_readme_exist():
     text = (ROOT / "README.md").read_text()
     for target in re.findall(r"\]\(((?:docs|examples)/[^)#]+)\)", text):
         assert (ROOT / target).exists(), f"README links to missing {target}"
+
+
+def test_lightning_is_bounded_to_the_versions_the_suite_runs_against():
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    from lightning_shrink.lightning.compat import TESTED_LIGHTNING
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirement = Requirement(next(d for d in project["dependencies"] if d.startswith("lightning")))
+    assert any(spec.operator in ("<", "<=") for spec in requirement.specifier), "no upper bound on lightning"
+    assert version("lightning") in TESTED_LIGHTNING, (
+        "the suite runs against a Lightning not in TESTED_LIGHTNING"
+    )
+    for tested in TESTED_LIGHTNING:
+        assert requirement.specifier.contains(tested)
+    assert not requirement.specifier.contains("2.6.2") and not requirement.specifier.contains("2.6.3")
+    assert not requirement.specifier.contains("2.7.0")

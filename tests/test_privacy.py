@@ -149,7 +149,7 @@ def test_epsilon_equals_opacus_accountant_every_step(accountant: str) -> None:
         expected.append(reference.get_epsilon(delta=1e-3))
     assert recorder.epsilons == expected
     assert trainer.callback_metrics["privacy/epsilon"].item() == pytest.approx(expected[-1], rel=1e-6)
-    assert trainer.progress_bar_metrics["eps"] == pytest.approx(expected[-1], rel=1e-6)
+    assert trainer.progress_bar_metrics["privacy/epsilon"] == pytest.approx(expected[-1], rel=1e-6)
     rows = {r.metric: r.value for r in report(trainer).select(technique="privacy")}
     assert rows["epsilon"] == expected[-1]
     assert rows["delta"] == 1e-3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,7 +12,6 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_shrink.callback import ShrinkCallback, TechniqueCallback
 from lightning_shrink.distillation import losses
 from lightning_shrink.distillation.cache import CacheKey, TeacherLogitCache, input_fingerprints
 from lightning_shrink.distillation.teacher import (
@@ -23,6 +23,7 @@ from lightning_shrink.distillation.teacher import (
     validate_teacher_spec,
 )
 from lightning_shrink.hookspecs import hookimpl
+from lightning_shrink.lightning import TechniqueCallback, TechniquePlugin
 
 __all__ = ["PROJECTIONS_ATTRIBUTE", "DistillationPlugin", "KnowledgeDistillation", "Projection"]
 
@@ -141,6 +142,8 @@ class KnowledgeDistillation(TechniqueCallback):
             alone (hidden and attention terms need the teacher's forward anyway).
         logits_fn: Function ``model output -> logits`` for outputs that are neither a tensor, nor
             have ``.logits``/``["logits"]``, nor are a tuple with the logits first.
+        name: The plugin's registered name, the namespace of its loss terms, metrics, checkpoint state
+            and report rows; ``None``: ``"distillation"`` (``"distillation-2"``... for further instances).
     """
 
     plugin_name = "distillation"
@@ -162,8 +165,9 @@ class KnowledgeDistillation(TechniqueCallback):
         teacher_dtype: torch.dtype | None = None,
         cache_key: CacheKey | None = None,
         logits_fn: Callable[[Any], torch.Tensor] | None = None,
+        name: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(name=name)
         validate_teacher_spec(teacher)
         self.teacher = teacher
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -276,11 +280,13 @@ class _Capture:
         self.output = output
 
 
-class DistillationPlugin:
+class DistillationPlugin(TechniquePlugin):
     """The hooks of :class:`KnowledgeDistillation` (one instance per callback)."""
 
+    default_name = "distillation"
+
     def __init__(self, config: KnowledgeDistillation) -> None:
-        self.config = config
+        super().__init__(config)
         self.teacher: nn.Module | None = None
         self.teacher_target: nn.Module | None = None
         self.student_name = ""
@@ -288,8 +294,6 @@ class DistillationPlugin:
         self.projections: nn.ModuleDict | None = None
         self.projections_attribute = PROJECTIONS_ATTRIBUTE
         self.cache = TeacherLogitCache(config.cache_key) if config.cache_key is not None else None
-        self.name = KnowledgeDistillation.plugin_name
-        self.prefix = "distill"
         self.recorded: tuple[tuple[Any, ...], dict[str, Any], Any] | None = None
         self._armed = False
         self._captures: list[_Capture] = []
@@ -320,13 +324,7 @@ class DistillationPlugin:
     # trylast: plugins that swap modules (quantization) do it first, so the hooks and projections
     # made here attach to the final modules.
     @hookimpl(trylast=True)
-    def shrink_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        bridge = ShrinkCallback.find(trainer)
-        if bridge is not None:
-            name = bridge.pluginmanager.get_name(self)
-            if name:
-                self.name = name
-                self.prefix = "distill" + name[len(KnowledgeDistillation.plugin_name) :]
+    def shrink_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         cfg = self.config
@@ -441,7 +439,9 @@ class DistillationPlugin:
             projections.register_load_state_dict_pre_hook(_fill_own_keys)
             self.projections = projections.to(device=pl_module.device)
         # "distill_projections" for the first callback, "distill_projections_2" for a second one.
-        suffix = self.name[len(KnowledgeDistillation.plugin_name) :].replace("-", "_")
+        suffix = (
+            "" if self.name == self.default_name else "_" + re.sub(r"\W", "_", self.name.split("-", 1)[-1])
+        )
         attribute = PROJECTIONS_ATTRIBUTE + suffix
         existing = getattr(pl_module, attribute, None)
         if existing is not None and existing is not self.projections:
@@ -595,7 +595,7 @@ class DistillationPlugin:
             zero = torch.zeros((), device=pl_module.device)
             if self.projections is not None:
                 zero = zero + sum(p.sum() * 0.0 for p in self.projections.parameters())
-            return {f"{self.prefix}/{name}": zero for name in self._term_names()}
+            return {f"{self.name}/{name}": zero for name in self._term_names()}
         mask = capture.kwargs.get("attention_mask")
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             mask = None
@@ -650,7 +650,7 @@ class DistillationPlugin:
                 value = losses.attention_loss(s_a, t_a)
                 total = value if total is None else total + value
             terms["attention"] = alpha * cfg.attention_weight * total / len(cfg.attention_layer_map)
-        return {f"{self.prefix}/{name}": value for name, value in terms.items()}
+        return {f"{self.name}/{name}": value for name, value in terms.items()}
 
     def _term_names(self) -> list[str]:
         cfg = self.config
@@ -742,10 +742,10 @@ class DistillationPlugin:
         # returned None (skipped batch, no shrink_training_loss call) leaves nothing captured.
         self._armed = False
         self._captures.clear()
-        metrics = {f"{self.prefix}/alpha": self._alpha}
+        metrics = {f"{self.name}/alpha": self._alpha}
         if self.cache is not None:
             lookups = self.cache.hits + self.cache.misses
-            metrics[f"{self.prefix}/cache_hit_rate"] = self.cache.hits / lookups if lookups else 0.0
+            metrics[f"{self.name}/cache_hit_rate"] = self.cache.hits / lookups if lookups else 0.0
         return metrics
 
     @hookimpl

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lightning_shrink.callback import TechniqueCallback
+from lightning_shrink.lightning.technique import TechniqueCallback
 
 __all__ = ["ACCOUNTANTS", "GRAD_SAMPLE_MODES", "DifferentialPrivacy"]
 
@@ -80,6 +80,8 @@ class DifferentialPrivacy(TechniqueCallback):
             epsilon is not a formal guarantee (a warning says so).
         loss_reduction: How the module's loss reduces over the batch, ``"mean"`` (default) or
             ``"sum"``; scales per-sample gradients before clipping and the noisy sum after.
+        name: The plugin's registered name, the namespace of its metrics, checkpoint state and report
+            rows; ``None``: ``"privacy"``. One Trainer takes one ``DifferentialPrivacy``.
 
     Example::
 
@@ -101,8 +103,9 @@ class DifferentialPrivacy(TechniqueCallback):
         grad_sample_mode: str = "auto",
         poisson_sampling: bool = True,
         loss_reduction: str = "mean",
+        name: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(name=name)
         _require_opacus()
         if (noise_multiplier is None) == (target_epsilon is None):
             which = "both were given" if noise_multiplier is not None else "neither was given"

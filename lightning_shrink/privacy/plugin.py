@@ -21,15 +21,12 @@ What it takes over at ``shrink_fit_start`` (optimizers exist, the model is wrapp
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.core.optimizer import _MockOptimizer
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -45,7 +42,9 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_shrink.hookspecs import hookimpl
-from lightning_shrink.report import ReportRow
+from lightning_shrink.lightning import compat
+from lightning_shrink.lightning.technique import TechniquePlugin
+from lightning_shrink.types import CommHook, ReportRow
 
 if TYPE_CHECKING:
     from lightning_shrink.privacy.callback import DifferentialPrivacy
@@ -152,11 +151,13 @@ class _HooksEngine:
 # ---------------------------------------------------------------------------- the plugin
 
 
-class PrivacyPlugin:
+class PrivacyPlugin(TechniquePlugin):
     """DP-SGD as lightning-shrink hooks; configured by :class:`DifferentialPrivacy`."""
 
+    default_name = "privacy"
+
     def __init__(self, config: DifferentialPrivacy) -> None:
-        self.config = config
+        super().__init__(config)
         #: Accountant history: ``[noise_multiplier, sample_rate, steps]`` entries, oldest first.
         self.history: list[list[float]] = []
         self.noise_multiplier: float | None = config.noise_multiplier
@@ -268,14 +269,20 @@ class PrivacyPlugin:
                 "manual optimization (`automatic_optimization = False`): the module steps its optimizers "
                 "itself, so clipping, noise and accounting cannot be guaranteed"
             )
+        if self.peers():
+            problems.append(
+                f"{len(self.peers()) + 1} DifferentialPrivacy callbacks in one Trainer; one DP-SGD "
+                "mechanism (one optimizer, one accountant) covers the whole run: keep one"
+            )
         strategy = trainer.strategy
-        if type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
+        kind = compat.strategy_kind(strategy)
+        if kind == "ddp_spawn":
+            problems.append("strategy 'ddp_spawn' is not supported; use strategy='ddp'")
+        elif kind not in ("single_device", "ddp", "ddp_fork"):
             problems.append(
                 f"strategy {type(strategy).__name__} is not supported (single device and 'ddp' are): "
                 "its optimizer and gradient handling cannot be taken over"
             )
-        elif isinstance(strategy, DDPStrategy) and strategy._start_method == "spawn":
-            problems.append("strategy 'ddp_spawn' is not supported; use strategy='ddp'")
         if trainer.accumulate_grad_batches != 1:
             problems.append(
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches}: accumulating several "
@@ -325,16 +332,11 @@ class PrivacyPlugin:
             )
 
     def _take_over_data(self, trainer: pl.Trainer) -> DataLoader:
-        fit_loop = trainer.fit_loop
-        # Lightning loads the training dataloader when the fit loop starts; load it now (the
-        # loop's own `setup_data` then returns early because it is loaded).
-        fit_loop.setup_data()
-        combined = fit_loop._combined_loader
-        if combined is None:
+        loaders = compat.load_train_dataloaders(trainer)
+        if loaders is None:
             raise PrivacyError(
                 f"{_PREFIX}: no training dataloader to take over (limit_train_batches=0 or no training_step)"
             )
-        loaders = combined.flattened
         if len(loaders) != 1:
             raise PrivacyError(
                 f"{_PREFIX}: {len(loaders)} training dataloaders; Poisson sampling needs exactly one"
@@ -394,8 +396,7 @@ class PrivacyPlugin:
             multiprocessing_context=dl.multiprocessing_context,
             **extra,
         )
-        combined.flattened = [poisson]
-        iter(fit_loop._data_fetcher)  # re-create the loop's iterator over the new loader
+        compat.replace_train_dataloaders(trainer, [poisson])
         self._loader = poisson
         return poisson
 
@@ -488,7 +489,7 @@ class PrivacyPlugin:
 
     def _wrap_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizers = list(trainer.optimizers)
-        if not optimizers or any(isinstance(o, _MockOptimizer) for o in optimizers):
+        if not optimizers or any(compat.is_mock_optimizer(o) for o in optimizers):
             raise PrivacyError(
                 f"{_PREFIX}: the LightningModule configures no optimizer; there is nothing to privatize"
             )
@@ -530,14 +531,14 @@ class PrivacyPlugin:
         self._dp_optimizers = [dp]
         trainer.strategy.optimizers = [dp]
         self._guards.append(original.register_step_pre_hook(self._refuse_unprivatized_step))
-        if world > 1:
-            model = trainer.strategy.model
-            if isinstance(model, nn.parallel.DistributedDataParallel):
-                # The optimizer all-reduces the clipped, noised sum itself: DDP's all-reduce of the
-                # raw gradients would be wasted work (DPDDP does the same).
-                # (If a comm hook is registered already, raw gradients get averaged, unused.)
-                with contextlib.suppress(RuntimeError):
-                    model.register_comm_hook(None, _skip_allreduce)
+
+    @hookimpl
+    def shrink_ddp_comm_hook(self, trainer: pl.Trainer) -> CommHook | None:
+        # The DP optimizer all-reduces the clipped, noised sum itself: DDP's all-reduce of the raw
+        # gradients would be wasted work (Opacus' DPDDP does the same).
+        if not self._dp_optimizers or trainer.world_size == 1:
+            return None
+        return (None, _skip_allreduce)
 
     def _refuse_unprivatized_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._privatized:
@@ -548,13 +549,11 @@ class PrivacyPlugin:
         self._privatized = False
 
     def _warn_compositions(self, trainer: pl.Trainer) -> None:
-        from lightning_shrink.callback import ShrinkCallback
+        from lightning_shrink.distillation.callback import DistillationPlugin
 
-        bridge = ShrinkCallback.find(trainer)
-        if bridge is None:
+        if self.pluginmanager is None:
             return
-        names = [name for name, _ in bridge.pluginmanager.list_name_plugin() if name]
-        if any(name.startswith("distillation") for name in names):
+        if any(isinstance(p, DistillationPlugin) for p in self.pluginmanager.get_plugins()):
             rank_zero_warn(
                 f"{_PREFIX} with KnowledgeDistillation: the (epsilon, delta) guarantee covers the student's "
                 "training only if the teacher did not see the private training data (or was itself "
@@ -586,7 +585,7 @@ class PrivacyPlugin:
         if not self._dp_optimizers:
             return
         dp = self._dp_optimizers[0]
-        if optimizer is not dp and getattr(optimizer, "_optimizer", None) is not dp:
+        if compat.unwrap_optimizer(optimizer) is not dp:
             raise PrivacyError(
                 f"{_PREFIX}: the Trainer steps {type(optimizer).__name__}, not the DP optimizer installed at "
                 "fit start; the step is refused"
@@ -632,7 +631,7 @@ class PrivacyPlugin:
     ) -> Mapping[str, float] | None:
         if self.delta is None or not self._dp_optimizers:
             return None
-        return {"privacy/epsilon": self.epsilon, "privacy/steps": float(self.steps)}
+        return {self.key("epsilon"): self.epsilon, self.key("steps"): float(self.steps)}
 
     @hookimpl
     def shrink_progress_bar_metrics(
@@ -640,7 +639,7 @@ class PrivacyPlugin:
     ) -> Mapping[str, float] | None:
         if self.delta is None or not self._dp_optimizers:
             return None
-        return {"eps": self.epsilon}
+        return {self.key("epsilon"): self.epsilon}
 
     # ------------------------------------------------------------------ end, state, report
 
@@ -675,7 +674,7 @@ class PrivacyPlugin:
     def shrink_save_state(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: MutableMapping[str, Any]
     ) -> None:
-        state["privacy"] = {
+        state[self.name] = {
             "history": [list(e) for e in self.history],
             "accountant": self.config.accountant,
             "delta": self.delta,
@@ -686,7 +685,7 @@ class PrivacyPlugin:
     def shrink_load_state(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: Mapping[str, Any]
     ) -> None:
-        saved = state.get("privacy")
+        saved = state.get(self.name)
         if not saved:
             return
         if saved.get("accountant", self.config.accountant) != self.config.accountant:
@@ -703,19 +702,19 @@ class PrivacyPlugin:
         if self.delta is None or self.noise_multiplier is None:
             return None
         rows = [
-            ReportRow("privacy", "epsilon", self.epsilon),
-            ReportRow("privacy", "delta", self.delta),
-            ReportRow("privacy", "accountant", self.config.accountant),
-            ReportRow("privacy", "noise multiplier", self.noise_multiplier),
-            ReportRow("privacy", "max grad norm", self.config.max_grad_norm),
-            ReportRow("privacy", "sample rate", self.sample_rate),
-            ReportRow("privacy", "steps", self.steps),
-            ReportRow("privacy", "per-sample gradients", self.grad_sample_mode or ""),
+            ReportRow(self.name, "epsilon", self.epsilon),
+            ReportRow(self.name, "delta", self.delta),
+            ReportRow(self.name, "accountant", self.config.accountant),
+            ReportRow(self.name, "noise multiplier", self.noise_multiplier),
+            ReportRow(self.name, "max grad norm", self.config.max_grad_norm),
+            ReportRow(self.name, "sample rate", self.sample_rate),
+            ReportRow(self.name, "steps", self.steps),
+            ReportRow(self.name, "per-sample gradients", self.grad_sample_mode or ""),
         ]
         if self.config.target_epsilon is not None:
-            rows.append(ReportRow("privacy", "target epsilon", self.config.target_epsilon))
+            rows.append(ReportRow(self.name, "target epsilon", self.config.target_epsilon))
         if not self.config.poisson_sampling:
-            rows.append(ReportRow("privacy", "guarantee", "none: Poisson sampling was off"))
+            rows.append(ReportRow(self.name, "guarantee", "none: Poisson sampling was off"))
         return rows
 
 

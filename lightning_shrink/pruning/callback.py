@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_shrink.callback import TechniqueCallback
 from lightning_shrink.hookspecs import hookimpl
+from lightning_shrink.lightning.technique import TechniqueCallback, TechniquePlugin
 from lightning_shrink.pruning.masks import (
     Comm,
     Pattern,
@@ -23,7 +23,7 @@ from lightning_shrink.pruning.masks import (
 )
 from lightning_shrink.pruning.schedule import SCHEDULES, PruningSchedule, resolve_step
 from lightning_shrink.pruning.selection import PruneTarget, select_targets
-from lightning_shrink.report import ReportRow
+from lightning_shrink.types import ReportRow
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 
 __all__ = ["GradualMagnitudePruning", "PruningPlugin"]
 
-#: Key of the plugin's state in ``checkpoint["lightning_shrink"]``.
-STATE_KEY = "pruning"
 _STATE_VERSION = 1
 _SCOPES = ("global", "layer")
 
@@ -119,6 +117,8 @@ class GradualMagnitudePruning(TechniqueCallback):
             that their optimizer state (momentum, Adam moments) stays exactly zero at all times, not
             only after each mask update and at fit end. Costs a second multiply per step; useful
             with optimizers that mix coordinates (L-BFGS) or when inspecting optimizer state.
+        name: The plugin's registered name, the namespace of its metrics, checkpoint state and report
+            rows; ``None``: ``"pruning"`` (``"pruning-2"``... for further instances).
 
     Example::
 
@@ -147,8 +147,9 @@ class GradualMagnitudePruning(TechniqueCallback):
         sparsity_overrides: Mapping[str, float] | None = None,
         log_layer_sparsity: bool = True,
         mask_gradients: bool = False,
+        name: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(name=name)
         self.target_sparsity = _check_sparsity(target_sparsity, "target_sparsity")
         self.initial_sparsity = _check_sparsity(initial_sparsity, "initial_sparsity")
         if self.initial_sparsity > self.target_sparsity:
@@ -235,11 +236,13 @@ class GradualMagnitudePruning(TechniqueCallback):
         return self.plugin.sparsity
 
 
-class PruningPlugin:
+class PruningPlugin(TechniquePlugin):
     """The hook implementations of :class:`GradualMagnitudePruning` (registered as ``"pruning"``)."""
 
+    default_name = "pruning"
+
     def __init__(self, config: GradualMagnitudePruning) -> None:
-        self.config = config
+        super().__init__(config)
         self.targets: list[PruneTarget] = []
         self.params: list[torch.nn.Parameter] = []
         self.keeps: list[torch.Tensor] = []
@@ -270,7 +273,7 @@ class PruningPlugin:
     def shrink_load_state(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: Mapping[str, Any]
     ) -> None:
-        saved = state.get(STATE_KEY)
+        saved = state.get(self.name)
         self._restored = saved if saved else None
 
     @hookimpl
@@ -543,9 +546,9 @@ class PruningPlugin:
     def shrink_metrics(self) -> dict[str, float] | None:
         if not self._started:
             return None
-        metrics = {"pruning/sparsity": self.sparsity, "pruning/target_sparsity": self.target_now}
+        metrics = {self.key("sparsity"): self.sparsity, self.key("target_sparsity"): self.target_now}
         if self._layers_pending and self.config.log_layer_sparsity:
-            metrics.update({f"pruning/sparsity/{name}": v for name, v in self.layer_sparsity.items()})
+            metrics.update({self.key(f"sparsity/{name}"): v for name, v in self.layer_sparsity.items()})
         self._layers_pending = False
         return metrics
 
@@ -553,7 +556,10 @@ class PruningPlugin:
     def shrink_progress_bar_metrics(self) -> dict[str, float] | None:
         if not self._started:
             return None
-        return {"sparsity": round(self.sparsity, 4), "sparsity_target": round(self.target_now, 4)}
+        return {
+            self.key("sparsity"): round(self.sparsity, 4),
+            self.key("target_sparsity"): round(self.target_now, 4),
+        }
 
     @hookimpl
     def shrink_report_rows(self, trainer: pl.Trainer | None, model: nn.Module) -> list[ReportRow] | None:
@@ -571,14 +577,14 @@ class PruningPlugin:
                 z = w.numel() - int(torch.count_nonzero(w))
                 zeros += z
                 total += w.numel()
-                rows.append(ReportRow("pruning", "sparsity", z / w.numel() if w.numel() else 0.0, name))
+                rows.append(ReportRow(self.name, "sparsity", z / w.numel() if w.numel() else 0.0, name))
         if not rows:
             return None
         head = [
-            ReportRow("pruning", "sparsity", zeros / total, "pruned layers"),
-            ReportRow("pruning", "target sparsity", self.config.target_sparsity, "pruned layers"),
-            ReportRow("pruning", "pattern", str(self.config.pattern), "pruned layers"),
-            ReportRow("pruning", "pruned layers", len(rows), ""),
+            ReportRow(self.name, "sparsity", zeros / total, "pruned layers"),
+            ReportRow(self.name, "target sparsity", self.config.target_sparsity, "pruned layers"),
+            ReportRow(self.name, "pattern", str(self.config.pattern), "pruned layers"),
+            ReportRow(self.name, "pruned layers", len(rows), ""),
         ]
         return head + rows
 
@@ -588,7 +594,7 @@ class PruningPlugin:
     def shrink_save_state(self, trainer: pl.Trainer, state: dict[str, Any]) -> None:
         if not self._started:
             return
-        state[STATE_KEY] = {
+        state[self.name] = {
             "version": _STATE_VERSION,
             "masks": {
                 t.name: k.detach().cpu().clone() for t, k in zip(self.targets, self.keeps, strict=True)

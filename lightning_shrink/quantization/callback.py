@@ -9,8 +9,8 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_shrink.callback import TechniqueCallback
 from lightning_shrink.hookspecs import hookimpl
+from lightning_shrink.lightning.technique import TechniqueCallback, TechniquePlugin
 from lightning_shrink.quantization.modules import (
     LayerSettings,
     is_converted,
@@ -198,6 +198,8 @@ class QuantizationAwareTraining(TechniqueCallback):
         embedding_group_size: Elements of an embedding row per scale for ``embedding_bits=4``
             (must divide the embedding dimension); ``None``: one scale per row.
         averaging_constant: Moving-average constant of the static observers.
+        name: The plugin's registered name, the namespace of its metrics, checkpoint state and report
+            rows; ``None``: ``"quantization"`` (``"quantization-2"``... for further instances).
 
     Example::
 
@@ -223,8 +225,9 @@ class QuantizationAwareTraining(TechniqueCallback):
         averaging_constant: float = 0.01,
         embedding_bits: int = 8,
         embedding_group_size: int | None = None,
+        name: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(name=name)
         _check_bits("weight_bits", weight_bits)
         if activations not in _ACTIVATIONS:
             raise ValueError(
@@ -281,11 +284,13 @@ class QuantizationAwareTraining(TechniqueCallback):
         return _QATPlugin(self)
 
 
-class _QATPlugin:
+class _QATPlugin(TechniquePlugin):
     """Hook implementations of one :class:`QuantizationAwareTraining`."""
 
+    default_name = "quantization"
+
     def __init__(self, config: QuantizationAwareTraining) -> None:
-        self.config = config
+        super().__init__(config)
         self.layers: list[str] = []
 
     def _update(self, step: int, training: bool) -> None:
@@ -294,7 +299,7 @@ class _QATPlugin:
         s.observer_enabled = c.freeze_observers_step is None or step < c.freeze_observers_step
 
     @hookimpl
-    def shrink_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def shrink_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         c = self.config
         self.layers = prepare_qat(pl_module, c.settings, c.modules, c.exclude_modules, c.embeddings)
         if not self.layers:
@@ -320,13 +325,13 @@ class _QATPlugin:
 
     @hookimpl
     def shrink_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        return {"quantization/fake_quant_enabled": float(self.config.settings.fake_quant_enabled)}
+        return {self.key("fake_quant_enabled"): float(self.config.settings.fake_quant_enabled)}
 
     @hookimpl
     def shrink_save_state(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: MutableMapping[str, Any]
     ) -> None:
-        state["quantization"] = {
+        state[self.name] = {
             "version": 1,
             "settings": self.config.settings.to_dict(),
             "layers": self.layers,
@@ -336,7 +341,7 @@ class _QATPlugin:
     def shrink_load_state(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: Mapping[str, Any]
     ) -> None:
-        saved = state.get("quantization")
+        saved = state.get(self.name)
         if saved is None:
             return
         mine = self.config.settings.to_dict()

@@ -27,7 +27,7 @@ from torch import nn
 
 from lightning_shrink.hookspecs import hookimpl
 from lightning_shrink.quantization.modules import INT8_CLASSES, convert_module, is_converted, is_prepared
-from lightning_shrink.report import ReportRow
+from lightning_shrink.types import ReportRow
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -241,15 +241,45 @@ _SWAPS: dict[type, type] = {
 }
 
 
+def _fsdp_wrapper(cls: type) -> tuple[type | None, type]:
+    """``(FSDPModule, original class)`` for a class that FSDP2's ``fully_shard`` made (it puts
+    ``FSDPModule`` first in a dynamic subclass, ``FSDP<Name>``), else ``(None, cls)``."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    wrapper = getattr(fsdp, "FSDPModule", None) if fsdp is not None else None
+    if wrapper is not None and len(cls.__bases__) == 2 and cls.__bases__[0] is wrapper:
+        return wrapper, cls.__bases__[1]
+    return None, cls
+
+
+_WRAPPED: dict[tuple[type, type], type] = {}
+
+
+def _rewrap(module_cls: type, target: type) -> type:
+    """``target``, wrapped the way ``module_cls`` is wrapped by FSDP2 (so a sharded layer keeps
+    ``FSDPModule``'s methods after preparation)."""
+    wrapper, _ = _fsdp_wrapper(module_cls)
+    if wrapper is None:
+        return target
+    key = (wrapper, target)
+    if key not in _WRAPPED:
+        namespace = (
+            {"__deepcopy__": module_cls.__dict__["__deepcopy__"]}
+            if "__deepcopy__" in module_cls.__dict__
+            else {}
+        )
+        _WRAPPED[key] = type(f"FSDP{target.__name__}", (wrapper, target), namespace)
+    return _WRAPPED[key]
+
+
 def supported_float_class(module: nn.Module) -> str | None:
     """Why ``module`` cannot be prepared, or ``None`` if it can.
 
     Only the exact classes ``nn.Linear``, ``nn.Conv1d/2d/3d`` (zero padding mode), ``nn.Embedding``
-    and transformers' ``Conv1D`` are supported: a subclass may override ``forward`` (or, like
-    ``nn.MultiheadAttention``'s projection, not be called at all), and fake-quantizing it would
-    silently have no effect.
+    and transformers' ``Conv1D`` are supported (also when FSDP2's ``fully_shard`` wrapped them): a
+    subclass may override ``forward`` (or, like ``nn.MultiheadAttention``'s projection, not be called
+    at all), and fake-quantizing it would silently have no effect.
     """
-    cls = type(module)
+    _, cls = _fsdp_wrapper(type(module))
     if cls in _SWAPS:
         if isinstance(module, nn.modules.conv._ConvNd) and module.padding_mode != "zeros":
             return f"convolution with padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
@@ -281,10 +311,11 @@ def prepare_module(module: nn.Module, settings: LayerSettings) -> None:
     if problem is not None:
         raise TypeError(problem)
     cls = type(module)
-    target = _SWAPS.get(cls) or _fake_quant_hf_conv1d()
+    _, plain = _fsdp_wrapper(cls)
+    target = _SWAPS.get(plain) or _fake_quant_hf_conv1d()
     module.__dict__[_FLOAT_CLASS] = cls
     module.__dict__[_SETTINGS] = settings
-    module.__class__ = target
+    module.__class__ = _rewrap(cls, target)
     if settings.activations == "static" and not isinstance(module, nn.Embedding):
         device = module.weight.device
         module.register_buffer("input_min", torch.tensor(float("inf"), device=device))

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    from lightning_shrink.callback import ShrinkCallback
+    from lightning_shrink.lightning.bridge import ShrinkCallback
     from lightning_shrink.manager import ShrinkPluginManager
     from lightning_shrink.testing.models import TinyClassifier
 
@@ -132,7 +132,7 @@ def shrink_recorder(shrink_pluginmanager: ShrinkPluginManager) -> Iterator[HookR
 @pytest.fixture
 def shrink_callback(shrink_pluginmanager: ShrinkPluginManager) -> ShrinkCallback:
     """A bridge callback that drives ``shrink_pluginmanager``."""
-    from lightning_shrink.callback import ShrinkCallback
+    from lightning_shrink.lightning.bridge import ShrinkCallback
 
     return ShrinkCallback(pluginmanager=shrink_pluginmanager)
 

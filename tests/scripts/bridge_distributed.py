@@ -71,7 +71,7 @@ class RankDependentTerm:
     def shrink_training_loss(self, trainer, pl_module, loss):
         c = C * (trainer.global_rank + 1)
         ones = torch.ones(1, 4, device=loss.device)
-        return {"rank_term": c * (pl_module(ones) ** 2).sum()}
+        return {"rank/term": c * (pl_module(ones) ** 2).sum()}
 
     @hookimpl
     def shrink_before_optimizer_step(self):
@@ -120,7 +120,7 @@ def main(strategy_name: str, out: str) -> None:
         "before_steps": plugin.before_steps,
         "calls": plugin.calls,
         "weights": weights,
-        "logged": sorted(trainer.logged_metrics),
+        "logged": sorted(trainer.callback_metrics),
     }
     Path(out, f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 

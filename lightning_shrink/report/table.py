@@ -1,16 +1,17 @@
-"""The compression report: rows gathered from every plugin, printed as a table, plotted, and
-written into the logger's directory."""
+"""The compression report: rows gathered from every plugin, as a table and JSON, written into the
+logger's directory (with a plot when matplotlib is installed)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from lightning_shrink.types import History, ReportRow
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -18,27 +19,7 @@ if TYPE_CHECKING:
 
     from lightning_shrink.manager import ShrinkPluginManager
 
-__all__ = ["CompressionReport", "ReportRow", "metric_history", "report", "save_report"]
-
-#: A metric's values over training: ``(step, value)`` pairs in step order.
-History = dict[str, list[tuple[int, float]]]
-
-
-@dataclass(frozen=True)
-class ReportRow:
-    """One line of the compression report.
-
-    Args:
-        technique: Which plugin or part reports it, e.g. ``"pruning"``.
-        metric: What is measured, e.g. ``"sparsity"`` or ``"epsilon"``.
-        value: The measured value.
-        target: What it is measured on (a layer's name), or ``""`` for the whole model.
-    """
-
-    technique: str
-    metric: str
-    value: Any
-    target: str = ""
+__all__ = ["CompressionReport", "metric_history", "read_metrics_csv", "report", "save_report"]
 
 
 @dataclass
@@ -91,120 +72,37 @@ class CompressionReport:
         }
 
     def plot(self, path: str | os.PathLike[str], title: str = "lightning-shrink compression report") -> Path:
-        """Draw the report with matplotlib (Agg backend) and save it to ``path`` (PNG, SVG, PDF...).
-
-        Panels, each drawn when there is something to show:
-
-        * **sparsity over steps**: every history series whose name contains ``sparsity``;
-        * **accuracy over steps**: every history series whose name contains ``acc``;
-        * **accuracy**: a bar per row whose metric contains ``accuracy`` (e.g. dense vs
-          compressed);
-        * **per-layer sparsity**: rows with a ``target`` and a ``sparsity`` metric, when no
-          sparsity history exists.
-
-        A report with none of these shows the model's density row, so a file is always written.
+        """Draw the report with matplotlib and save it to ``path``; see
+        :func:`lightning_shrink.report.plot.plot_report`.
 
         Raises:
             ImportError: matplotlib is not installed (``pip install matplotlib``).
         """
-        try:
-            import matplotlib
+        from lightning_shrink.report.plot import plot_report
 
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except ImportError as exc:
-            raise ImportError("CompressionReport.plot needs matplotlib: pip install matplotlib") from exc
+        return plot_report(self, path, title)
 
-        # Overall series only: per-layer series (``pruning/sparsity/<layer>``) would crowd the panel.
-        sparsity = {k: v for k, v in self.history.items() if "sparsity" in k.rsplit("/", 1)[-1].lower() and v}
-        accuracy = {
-            k: v for k, v in self.history.items() if "acc" in k.lower() and "sparsity" not in k.lower() and v
-        }
-        acc_rows = [r for r in self.rows if "accuracy" in r.metric.lower() and _is_number(r.value)]
-        layer_rows = (
-            []
-            if sparsity
-            else [r for r in self.rows if r.target and "sparsity" in r.metric.lower() and _is_number(r.value)]
-        )
-        panels: list[tuple[str, Any]] = []
-        if sparsity:
-            panels.append(("series", ("sparsity over training", "sparsity", sparsity)))
-        if accuracy:
-            panels.append(("series", ("accuracy over training", "accuracy", accuracy)))
-        if acc_rows:
-            panels.append(
-                ("bars", ("accuracy", [(r.target or r.technique, float(r.value)) for r in acc_rows]))
-            )
-        if layer_rows:
-            panels.append(
-                ("barh", ("sparsity per layer", [(r.target, float(r.value)) for r in layer_rows[:40]]))
-            )
-        if not panels:
-            density = [(r.target or r.technique, float(r.value)) for r in self.select(metric="density")]
-            panels.append(("bars", ("density (nonzero fraction)", density or [("model", 0.0)])))
+    def save(self, directory: str | os.PathLike[str], plot: bool | None = None) -> dict[str, Path]:
+        """Write ``report.txt`` (the table), ``report.json`` (rows and history) and ``report.png``
+        into ``directory`` (created if needed).
 
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
-        for ax, (kind, spec) in zip(axes[0], panels, strict=True):
-            if kind == "series":
-                name, ylabel, series = spec
-                for label, points in sorted(series.items()):
-                    steps, values = zip(*points, strict=True)
-                    ax.plot(steps, values, label=label, marker="." if len(points) < 30 else None)
-                ax.set_xlabel("optimizer step")
-                ax.set_ylabel(ylabel)
-                ax.set_title(name)
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=8)
-            elif kind == "bars":
-                name, bars = spec
-                labels, values = zip(*bars, strict=True)
-                positions = range(len(values))
-                ax.bar(
-                    positions,
-                    values,
-                    color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(values)] or None,
-                )
-                ax.set_xticks(list(positions), labels, rotation=15, fontsize=8)
-                for x, v in zip(positions, values, strict=True):
-                    ax.annotate(f"{v:.3g}", (x, v), ha="center", va="bottom", fontsize=8)
-                low = min(values)
-                if name == "accuracy" and low > 0.2:
-                    ax.set_ylim(max(0.0, low - 0.15), min(1.0, max(values) + 0.05))
-                ax.set_title(name)
-            else:
-                name, bars = spec
-                labels, values = zip(*bars, strict=True)
-                ax.barh(range(len(values)), values)
-                ax.set_yticks(range(len(values)), labels, fontsize=6)
-                ax.invert_yaxis()
-                ax.set_xlabel("sparsity")
-                ax.set_title(name)
-        fig.suptitle(title)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
-
-    def save(self, directory: str | os.PathLike[str], plot: bool = True) -> dict[str, Path]:
-        """Write ``report.txt`` (the table), ``report.json`` (rows and history) and, with
-        ``plot=True``, ``report.png`` into ``directory`` (created if needed).
+        Args:
+            directory: Where to write.
+            plot: ``True``: draw ``report.png`` (matplotlib must be installed); ``False``: do not;
+                ``None`` (default): draw it when matplotlib is installed.
 
         Returns the paths written, by kind (``"table"``, ``"json"``, ``"plot"``).
         """
+        from lightning_shrink.report.plot import matplotlib_available
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = {"table": directory / "report.txt", "json": directory / "report.json"}
         paths["table"].write_text(self.to_table() + "\n")
         paths["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        if plot:
+        if plot or (plot is None and matplotlib_available()):
             paths["plot"] = self.plot(directory / "report.png")
         return paths
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _jsonable(value: Any) -> Any:
@@ -239,7 +137,7 @@ def report(
     rows (the model defaults to ``trainer.lightning_module``). With a bare ``model``, the built-in
     and entry-point plugins report on it.
     """
-    from lightning_shrink.callback import ShrinkCallback
+    from lightning_shrink.lightning.bridge import ShrinkCallback
     from lightning_shrink.manager import get_plugin_manager
 
     if trainer is not None:
@@ -314,14 +212,14 @@ def save_report(
     directory: str | os.PathLike[str] | None = None,
     extra_rows: Sequence[ReportRow] = (),
     history: Mapping[str, list[tuple[int, float]]] | None = None,
-    plot: bool = True,
+    plot: bool | None = None,
 ) -> CompressionReport:
     """Gather the report of ``trainer``'s run and write it into the logger's directory.
 
-    Writes ``report.txt``, ``report.json`` and ``report.png`` (see
-    :meth:`CompressionReport.save`) into ``directory``, by default ``trainer.log_dir``. The
-    history plotted is the run's logged metrics (:func:`metric_history`) unless ``history`` is
-    given.
+    Writes ``report.txt``, ``report.json`` and, when matplotlib is installed or ``plot=True``,
+    ``report.png`` (see :meth:`CompressionReport.save`) into ``directory``, by default
+    ``trainer.log_dir``. The history plotted is the run's logged metrics (:func:`metric_history`)
+    unless ``history`` is given.
 
     Raises:
         ValueError: no ``directory`` was given and the trainer has no logger.
