@@ -493,6 +493,7 @@ def killed_export(target: Path, moment: str, value: float) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "moment, survivor",
     [("weights", 1.0), ("between-renames", 1.0), ("after-exchange", 2.0)],
@@ -549,6 +550,7 @@ def test_recovery_and_cleanup_concern_only_the_target(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_an_export_holds_the_lock_of_its_folder_while_it_writes(tmp_path):
     import fcntl
 
