@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     converted = convert(model)
     converted_acc = accuracy(converted, test)
     export(converted, out / "export", overwrite=True)
-    reloaded = load(out / "export")
+    reloaded = load(out / "export", model=DigitsMLP(args.hidden))
     reloaded_acc = accuracy(reloaded, test)
     print(f"converted:  test accuracy {converted_acc:.2%}; reloaded export {reloaded_acc:.2%}")
     print(rep.to_table())

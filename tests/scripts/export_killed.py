@@ -34,8 +34,8 @@ from torch import nn
 
 import lightning_shrink as ls
 
-# `lightning_shrink.export` the attribute is the function; the module is in sys.modules.
-export_module = importlib.import_module("lightning_shrink.export")
+# `lightning_shrink.export` the attribute is the function; the package and its modules are in sys.modules.
+export_module = importlib.import_module("lightning_shrink.export.atomic")
 
 
 def die() -> None:
