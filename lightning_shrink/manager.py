@@ -150,7 +150,10 @@ class ShrinkPluginManager(pluggy.PluginManager):
         try:
             registered = super().register(plugin, name)
         except PluginValidationError as exc:
-            raise self._plugin_error(name or self.describe(plugin), str(exc)) from exc
+            label = name or self.describe(plugin)
+            # pluggy's message names an unnamed plugin by its id(): name it as the error does.
+            problem = str(exc).replace(f"Plugin {self.get_canonical_name(plugin)!r}", "the plugin")
+            raise self._plugin_error(label, problem) from exc
         if registered is not None:
             # Historic, like pytest_plugin_registered: plugins learn their own name from it.
             self.hook.shrink_plugin_registered.call_historic(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from importlib.metadata import Distribution
@@ -118,6 +119,30 @@ def test_unmarked_shrink_function_is_not_silently_ignored():
 
     with pytest.raises(PluginError, match="unknown hook 'shrink_metrcs'"):
         get_plugin_manager(plugins=[Unmarked()], autoload=False)
+
+
+def test_an_unnamed_plugin_is_named_by_its_class_not_its_id():
+    class Misspelled:
+        @hookimpl
+        def shrink_metrcs(self):
+            return {}
+
+    class BadArgument:
+        @hookimpl
+        def shrink_metrics(self, not_an_argument):
+            return {}
+
+    qualname = f"{__name__}.test_an_unnamed_plugin_is_named_by_its_class_not_its_id.<locals>"
+    with pytest.raises(
+        PluginError, match=rf"'{re.escape(qualname)}.Misspelled \(registered without a name\)'"
+    ):
+        get_plugin_manager(plugins=[Misspelled()], autoload=False)
+    with pytest.raises(
+        PluginError, match=rf"(?s)'{re.escape(qualname)}.BadArgument'.*not_an_argument"
+    ) as info:
+        get_plugin_manager(plugins=[BadArgument()], autoload=False)
+    assert str(id(info)) not in str(info.value)
+    assert not re.search(r"'\d{6,}'", str(info.value))
 
 
 def test_plugin_with_unknown_argument_names_plugin_and_distribution(installed):
