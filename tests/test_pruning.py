@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader
 
 import lightning_shrink
 from lightning_shrink import GradualMagnitudePruning
-from lightning_shrink.manager import get_plugin_manager
-from lightning_shrink.pruning.masks import Comm, compute_masks, parse_pattern
+from lightning_shrink.pruning import PruningConfig
+from lightning_shrink.pruning.distributed import Comm
+from lightning_shrink.pruning.masks import compute_masks, parse_pattern
 from lightning_shrink.pruning.schedule import PruningSchedule
 from lightning_shrink.testing.models import (
     TinyClassifier,
@@ -366,7 +367,8 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(modules=["nothing.*"]), "no parameter matched"),
+        (dict(modules=["nothing.*"]), "`modules` pattern 'nothing.*' matches no module"),
+        (dict(modules=["net.*"], exclude_modules=["net.*"]), "no parameter matched"),
         (
             dict(pattern="4:8", target_sparsity=0.5, prune_output_layer=True, modules=["classifier"]),
             "multiple of 8",
@@ -384,71 +386,38 @@ def test_bad_selection_fails_at_setup(kwargs, match):
     assert trainer.global_step == 0
 
 
-# ---------------------------------------------------------------------------------------- export
-
-
-def test_sparse_export_round_trip_through_the_hooks():
-    pm = get_plugin_manager(autoload=False)
-    torch.manual_seed(0)
-    dense = torch.randn(33, 17)
-    sparse = dense * (torch.rand(33, 17) > 0.7)
-    int8 = (torch.randint(-5, 5, (64, 8), dtype=torch.int8) * (torch.rand(64, 8) > 0.6)).to(torch.int8)
-    bf16 = (torch.randn(40) * (torch.rand(40) > 0.8)).to(torch.bfloat16)
-    tensors = {"a.weight": sparse.clone(), "b.weight": dense.clone(), "c.q": int8.clone(), "d": bf16.clone()}
-    metadata: dict = {}
-    pm.hook.shrink_export(model=nn.Linear(1, 1), tensors=tensors, metadata=metadata)
-    assert "a.weight" not in tensors and "b.weight" in tensors and "c.q" not in tensors
-    assert set(metadata["pruning"]["tensors"]) == {"a.weight", "c.q", "d"}
-    assert sum(t.numel() * t.element_size() for t in tensors.values()) < (
-        sparse.numel() * 4 + dense.numel() * 4 + int8.numel() + bf16.numel() * 2
-    )
-    import json
-
-    metadata = json.loads(json.dumps(metadata))
-    pm.hook.shrink_load(tensors=tensors, metadata=metadata)
-    assert set(tensors) == {"a.weight", "b.weight", "c.q", "d"}
-    for name, ref in {"a.weight": sparse, "b.weight": dense, "c.q": int8, "d": bf16}.items():
-        assert tensors[name].dtype == ref.dtype and torch.equal(tensors[name], ref), name
+# ---------------------------------------------------------------------------------------- selection
 
 
 def test_selection_by_name_type_and_parameter():
     from lightning_shrink.pruning.selection import select_targets
 
     model = TinyTransformerClassifier(tiny_bert())
-    base = dict(
-        module_types=None,
-        modules=None,
-        exclude_modules=(),
-        parameter_names=("weight",),
-        prune_output_layer=False,
-        scope="global",
-        target_sparsity=0.5,
-        sparsity_overrides={},
-    )
-    default = {t.name for t in select_targets(model, **base)}
+
+    def names(**kwargs):
+        return {t.name for t in select_targets(model, PruningConfig(0.5, **kwargs))}
+
+    default = names()
     assert len(default) == 2 * 6 + 1  # 6 Linear per layer + pooler; classifier excluded
-    with_head = {t.name for t in select_targets(model, **{**base, "prune_output_layer": True})}
-    assert with_head == default | {"model.classifier.weight"}
+    assert names(prune_output_layer=True) == default | {"model.classifier.weight"}
     only = select_targets(
-        model, **{**base, "modules": ["*.attention.self.*"], "exclude_modules": ["*.value"], "scope": "layer"}
+        model, PruningConfig(0.5, modules="*.attention.self.*", exclude_modules=["*.value"], scope="layer")
     )
     assert {t.name.split(".")[-2] for t in only} == {"query", "key"} and len({t.group for t in only}) == 4
-    emb = select_targets(
-        model, **{**base, "module_types": (nn.Embedding,), "parameter_names": ("weight", "bias")}
-    )
-    assert {t.name.split(".")[-2] for t in emb} == {
+    emb = names(module_types=(nn.Embedding,), parameter_names=("weight", "bias"))
+    assert {n.split(".")[-2] for n in emb} == {
         "word_embeddings",
         "position_embeddings",
         "token_type_embeddings",
     }
-    overrides = select_targets(model, **{**base, "sparsity_overrides": {"*.intermediate.dense": 0.9}})
+    overrides = select_targets(model, PruningConfig(0.5, sparsity_overrides={"*.intermediate.dense": 0.9}))
     inter = [t for t in overrides if "intermediate" in t.name]
     assert inter and all(t.final_sparsity == 0.9 and t.group == t.name for t in inter)
     assert {t.group for t in overrides if t not in inter} == {"__global__"}
     with pytest.raises(ValueError, match="sparsity_overrides"):
-        select_targets(model, **{**base, "sparsity_overrides": {"*.nothing": 0.9}})
+        select_targets(model, PruningConfig(0.5, sparsity_overrides={"*.nothing": 0.9}))
     model.model.bert.encoder.requires_grad_(False)  # frozen parameters are never pruned
-    assert {t.name for t in select_targets(model, **base)} == {"model.bert.pooler.dense.weight"}
+    assert names() == {"model.bert.pooler.dense.weight"}
 
 
 def test_global_threshold_that_empties_a_layer_warns_once_naming_it():
