@@ -97,8 +97,9 @@ class PruningPlugin(TechniquePlugin):
                 continue
             both = [mine[id(named[t.name])] for t in peer.targets if id(named.get(t.name)) in mine]
             if both:
+                first, second = sorted((peer.name, self.name))
                 raise ValueError(
-                    f"{OWNER}: plugins {peer.name!r} and {self.name!r} both select {both[:3]}"
+                    f"{OWNER}: plugins {first!r} and {second!r} both select {both[:3]}"
                     f"{f' and {len(both) - 3} more' if len(both) > 3 else ''}: a parameter can follow one "
                     "schedule only; make their `modules` / `exclude_modules` disjoint"
                 )
