@@ -7,18 +7,16 @@ selected by two of them is refused at set-up, naming both.
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader
 
 import lightning_shrink
 from lightning_shrink import GradualMagnitudePruning
 from lightning_shrink.testing.models import (
-    TinyClassifier,
     TinyTransformerClassifier,
     cpu_trainer,
-    random_classification_data,
     tiny_bert,
     token_dataloader,
 )
@@ -135,23 +133,35 @@ def test_overlapping_selections_are_refused_at_setup_naming_both_plugins():
     assert trainer.global_step == 0
 
 
+class DeferredBert(TinyTransformerClassifier):
+    """A tiny BERT classifier whose BERT does not exist until ``configure_model`` creates it."""
+
+    def __init__(self) -> None:
+        pl.LightningModule.__init__(self)
+        self.lr = 1e-2
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "model"):  # configure_model runs again for every stage
+            self.model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
 def test_shrink_configure_model_prunes_a_model_built_in_configure_model(tmp_path):
-    torch.manual_seed(0)
-    model = TinyClassifier(optimizer="adamw", lr=0.05, build_in_configure_model=True)
-    assert not list(model.parameters())
-    cb = GradualMagnitudePruning(0.7, start_step=1, end_step=10, frequency=3)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    loader = DataLoader(random_classification_data(64), batch_size=8)
-    trainer = cpu_trainer(callbacks=[cb, checkpoint], max_epochs=2, enable_checkpointing=True)
-    trainer.fit(model, loader)
-    assert set(cb.masks) == {"net.0.weight", "net.2.weight"}  # the output layer is left dense
-    assert cb.sparsity == pytest.approx(0.7, abs=1e-3)
-    zeros = torch.cat([(model.net[i].weight == 0).view(-1) for i in (0, 2)]).float().mean()
-    assert float(zeros) == pytest.approx(0.7, abs=1e-3)
+    def fit(ckpt_path=None):
+        torch.manual_seed(0)
+        model = DeferredBert()
+        assert not list(model.parameters())
+        attention, mlp = _two()
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        callbacks = [attention, mlp] + ([checkpoint] if ckpt_path is None else [])
+        trainer = cpu_trainer(callbacks=callbacks, max_epochs=2, enable_checkpointing=ckpt_path is None)
+        trainer.fit(model, token_dataloader(n=48), ckpt_path=ckpt_path)
+        return model, attention, mlp
+
+    model, attention, mlp = fit()
+    assert len(attention.masks) == 8 and len(mlp.masks) == 4
+    assert attention.sparsity == pytest.approx(0.5) and mlp.sparsity == pytest.approx(0.8, abs=1e-3)
+    assert float((model.model.bert.encoder.layer[0].output.dense.weight == 0).float().mean()) > 0.5
     # a fresh model, built in configure_model again, resumed mid-schedule: bit-exact
-    torch.manual_seed(0)
-    fresh = TinyClassifier(optimizer="adamw", lr=0.05, build_in_configure_model=True)
-    again = GradualMagnitudePruning(0.7, start_step=1, end_step=10, frequency=3)
-    cpu_trainer(callbacks=[again], max_epochs=2).fit(fresh, loader, ckpt_path=tmp_path / "epoch=0.ckpt")
+    fresh, _, _ = fit(ckpt_path=tmp_path / "epoch=0.ckpt")
     for (na, a), (nb, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert na == nb and torch.equal(a, b), na

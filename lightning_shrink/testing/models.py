@@ -37,11 +37,7 @@ def random_classification_data(
 
 class TinyClassifier(pl.LightningModule):
     """An MLP classifier: ``Linear -> ReLU -> Linear -> ReLU -> Linear`` (the last one is
-    ``classifier``). ``training_step`` returns the cross-entropy loss.
-
-    With ``build_in_configure_model=True`` the layers are created in ``configure_model`` (where
-    Lightning recommends building large models), not in ``__init__``: a technique must find them there.
-    """
+    ``classifier``). ``training_step`` returns the cross-entropy loss."""
 
     def __init__(
         self,
@@ -50,23 +46,13 @@ class TinyClassifier(pl.LightningModule):
         num_classes: int = 2,
         lr: float = 0.1,
         optimizer: str = "sgd",
-        build_in_configure_model: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if not build_in_configure_model:
-            self._build_layers()
-
-    def _build_layers(self) -> None:
-        h = self.hparams
         self.net = nn.Sequential(
-            nn.Linear(h.in_features, h.hidden), nn.ReLU(), nn.Linear(h.hidden, h.hidden), nn.ReLU()
+            nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
         )
-        self.classifier = nn.Linear(h.hidden, h.num_classes)
-
-    def configure_model(self) -> None:
-        if not hasattr(self, "classifier"):  # once: configure_model runs again for every stage
-            self._build_layers()
+        self.classifier = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.net(x))
@@ -98,13 +84,11 @@ class TinyClassifier(pl.LightningModule):
 class ShardedTinyClassifier(TinyClassifier):
     """:class:`TinyClassifier` sharded with FSDP2 for ``ModelParallelStrategy``: each ``Linear`` and
     then the whole module are ``fully_shard``-ed over the ``"data_parallel"`` mesh dimension in
-    ``configure_model`` (weights split along dim 0 across the ranks), after the layers are built
-    there when ``build_in_configure_model=True``."""
+    ``configure_model`` (weights split along dim 0 across the ranks)."""
 
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
 
-        super().configure_model()
         mesh = self.device_mesh["data_parallel"]
         for layer in (*self.net, self.classifier):
             if isinstance(layer, nn.Linear):

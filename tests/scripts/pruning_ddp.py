@@ -1,7 +1,7 @@
 """Run by tests/test_pruning_distributed.py in a subprocess: real 2-process CPU fits under DDP.
 
-``python pruning_ddp.py OUT one``: one GradualMagnitudePruning on a TinyClassifier whose layers are
-built in ``configure_model``, with a different seed and different data on each rank (the masks must
+``python pruning_ddp.py OUT one``: one GradualMagnitudePruning on a classifier whose layers are built
+in ``configure_model``, with a different seed and different data on each rank (the masks must
 still agree).
 
 ``python pruning_ddp.py OUT two [CKPT]``: two GradualMagnitudePruning callbacks on a tiny BERT,
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from pruning_models import DeferredClassifier
 from torch.utils.data import DataLoader
 
 import lightning_shrink
 from lightning_shrink import GradualMagnitudePruning
 from lightning_shrink.testing.models import (
-    TinyClassifier,
     TinyTransformerClassifier,
     cpu_trainer,
     random_classification_data,
@@ -36,7 +36,7 @@ from lightning_shrink.testing.models import (
 def one(out: Path) -> None:
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.manual_seed(100 + rank)  # different seeds on purpose: masks must still agree
-    model = TinyClassifier(optimizer="adamw", lr=0.05, build_in_configure_model=True)
+    model = DeferredClassifier(optimizer="adamw", lr=0.05)
     cb = GradualMagnitudePruning(0.7, end_step=6, frequency=2)
     trainer = cpu_trainer(callbacks=[cb], strategy="ddp", devices=2, max_epochs=2)
     trainer.fit(model, DataLoader(random_classification_data(64, seed=rank), batch_size=8, shuffle=True))

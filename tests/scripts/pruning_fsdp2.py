@@ -13,6 +13,7 @@ import sys
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from pruning_models import DeferredShardedClassifier
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils.data import DataLoader
 
@@ -61,9 +62,8 @@ def checked_update(self, trainer, step):
 def main(out: str, pattern: str, scope: str, build: str) -> None:
     PruningPlugin._update = checked_update
     torch.manual_seed(0)
-    model = ShardedTinyClassifier(
-        hidden=36, optimizer="adamw", lr=0.05, build_in_configure_model=build == "configure_model"
-    )
+    kind = DeferredShardedClassifier if build == "configure_model" else ShardedTinyClassifier
+    model = kind(hidden=36, optimizer="adamw", lr=0.05)
     overrides = {"net.0": 0.5} if scope == "global" else None
     cb = GradualMagnitudePruning(
         0.75, end_step=6, frequency=2, pattern=pattern, scope=scope, sparsity_overrides=overrides
