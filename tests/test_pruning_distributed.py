@@ -39,12 +39,10 @@ def test_ddp_ranks_compute_identical_masks_on_a_model_built_in_configure_model(t
 
 
 def test_ddp_two_pruning_callbacks_reach_their_targets_and_resume_bit_exactly(tmp_path):
-    script = SCRIPTS / "pruning_ddp.py"
-    run_multiprocess_script(script, tmp_path, "two", cwd=tmp_path)
-    ckpt = tmp_path / "ckpt" / "epoch=0.ckpt"  # step 3: the MLP's schedule is halfway
+    run_multiprocess_script(SCRIPTS / "pruning_ddp.py", tmp_path, "two", cwd=tmp_path)
+    ckpt = tmp_path / "ckpt" / "epoch=0.ckpt"  # step 3, where the second run resumed: the MLP is halfway
     state = torch.load(ckpt, weights_only=False)["lightning_shrink"]
     assert state["pruning"]["last_update_step"] == 3 and state["pruning-2"]["last_update_step"] == 2
-    run_multiprocess_script(script, tmp_path, "two", ckpt, cwd=tmp_path)
     full, resumed = _ranks(tmp_path, "two-"), _ranks(tmp_path, "resumed-")
     for r in (*full, *resumed):
         assert r["global_step"] == 6 and r["names"] == ["pruning", "pruning-2"]
@@ -66,7 +64,7 @@ def test_ddp_two_pruning_callbacks_reach_their_targets_and_resume_bit_exactly(tm
     ("pattern", "scope", "build"),
     [("unstructured", "global", "init"), ("rows", "layer", "configure_model")],
 )
-def test_fsdp2_sharded_thresholds_are_exact(tmp_path, pattern, scope, build):
+def test_fsdp2_sharded_thresholds_are_exact_and_a_resume_is_bit_exact(tmp_path, pattern, scope, build):
     run_multiprocess_script(SCRIPTS / "pruning_fsdp2.py", tmp_path, pattern, scope, build, cwd=tmp_path)
     r0, r1 = _ranks(tmp_path, "")
     # parameters really were sharded (36 rows split 18/18 on dim 0)
@@ -82,3 +80,9 @@ def test_fsdp2_sharded_thresholds_are_exact(tmp_path, pattern, scope, build):
     else:
         assert all((m.all(1) | ~m.any(1)).all() for m in r0["masks"].values())
         assert int((~r0["masks"]["net.2.weight"]).all(1).sum()) == 27  # 75% of 36 rows
+    if build == "configure_model":
+        # resumed from the sharded checkpoint after epoch 0 (step 4, mid-schedule): bit-exact
+        for r in (r0, r1):
+            assert r["resumed_updates"] == r["updates"] == 4
+            for name, w in r0["weights"].items():
+                assert torch.equal(r["resumed_weights"][name], w), name

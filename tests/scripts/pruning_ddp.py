@@ -4,9 +4,9 @@
 in ``configure_model``, with a different seed and different data on each rank (the masks must
 still agree).
 
-``python pruning_ddp.py OUT two [CKPT]``: two GradualMagnitudePruning callbacks on a tiny BERT,
-attention at 50 % and the MLP at 80 %, saving a checkpoint after every epoch under ``OUT/ckpt``; with
-``CKPT``, the same run resumed from it.
+``python pruning_ddp.py OUT two``: two GradualMagnitudePruning callbacks on a tiny BERT, attention at
+50 % and the MLP at 80 %, saving a checkpoint after every epoch under ``OUT/ckpt``; then the same run
+resumed from the checkpoint after epoch 0.
 
 Each rank writes what it saw to ``OUT/<mode>-rank<k>.pt``.
 """
@@ -96,4 +96,5 @@ if __name__ == "__main__":
     if mode == "one":
         one(out_dir)
     else:
-        two(out_dir, sys.argv[3] if len(sys.argv) > 3 else None)
+        two(out_dir, None)
+        two(out_dir, str(out_dir / "ckpt" / "epoch=0.ckpt"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from pruning_models import DeferredShardedClassifier
 from torch.distributed.tensor import DTensor, Shard
@@ -59,8 +60,7 @@ def checked_update(self, trainer, step):
     checks.append(all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)))
 
 
-def main(out: str, pattern: str, scope: str, build: str) -> None:
-    PruningPlugin._update = checked_update
+def fit(out: str, pattern: str, scope: str, build: str, ckpt_path: str | None = None) -> tuple:
     torch.manual_seed(0)
     kind = DeferredShardedClassifier if build == "configure_model" else ShardedTinyClassifier
     model = kind(hidden=36, optimizer="adamw", lr=0.05)
@@ -68,24 +68,44 @@ def main(out: str, pattern: str, scope: str, build: str) -> None:
     cb = GradualMagnitudePruning(
         0.75, end_step=6, frequency=2, pattern=pattern, scope=scope, sparsity_overrides=overrides
     )
+    checkpoint = ModelCheckpoint(dirpath=f"{out}/ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    trainer = cpu_trainer(callbacks=[cb], strategy=strategy, devices=2, max_epochs=2)
-    trainer.fit(model, DataLoader(random_classification_data(64), batch_size=8))
-    plugin = cb.plugin
-    torch.save(
-        {
-            "checks": checks,
-            "masks": {
-                t.name: full(k, p)
-                for t, k, p in zip(plugin.targets, plugin.keeps, plugin.params, strict=True)
-            },
-            "weights": {t.name: p.full_tensor() for t, p in zip(plugin.targets, plugin.params, strict=True)},
-            "local_shapes": [tuple(k.shape) for k in plugin.keeps],
-            "sparsity": cb.sparsity,
-            "layer_sparsity": plugin.layer_sparsity,
-        },
-        f"{out}/rank{trainer.global_rank}.pt",
+    save = build == "configure_model" and ckpt_path is None
+    trainer = cpu_trainer(
+        callbacks=[cb, checkpoint] if save else [cb],
+        strategy=strategy,
+        devices=2,
+        max_epochs=2,
+        enable_checkpointing=save,
     )
+    trainer.fit(model, DataLoader(random_classification_data(64), batch_size=8), ckpt_path=ckpt_path)
+    return cb, trainer
+
+
+def main(out: str, pattern: str, scope: str, build: str) -> None:
+    PruningPlugin._update = checked_update
+    cb, trainer = fit(out, pattern, scope, build)
+    plugin = cb.plugin
+    result = {
+        "checks": list(checks),
+        "masks": {
+            t.name: full(k, p) for t, k, p in zip(plugin.targets, plugin.keeps, plugin.params, strict=True)
+        },
+        "weights": {t.name: p.full_tensor() for t, p in zip(plugin.targets, plugin.params, strict=True)},
+        "local_shapes": [tuple(k.shape) for k in plugin.keeps],
+        "sparsity": cb.sparsity,
+        "layer_sparsity": plugin.layer_sparsity,
+    }
+    if build == "configure_model":
+        # resumed mid-schedule (step 4 of 8; the masks are rebuilt from the restored weights' zeros)
+        resumed, _ = fit(out, pattern, scope, build, ckpt_path=f"{out}/ckpt/epoch=0.ckpt")
+        result["resumed_updates"] = resumed.plugin.update_count
+        result["resumed_weights"] = {
+            t.name: p.full_tensor()
+            for t, p in zip(resumed.plugin.targets, resumed.plugin.params, strict=True)
+        }
+        result["updates"] = plugin.update_count
+    torch.save(result, f"{out}/rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
