@@ -7,14 +7,12 @@ import warnings
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
 from torch.utils.data import DataLoader
 
 import lightning_shrink
 from lightning_shrink import GradualMagnitudePruning
-from lightning_shrink.manager import get_plugin_manager
-from lightning_shrink.pruning.masks import Comm, compute_masks, parse_pattern
+from lightning_shrink.pruning.distributed import Comm
+from lightning_shrink.pruning.masks import compute_masks, parse_pattern
 from lightning_shrink.pruning.schedule import PruningSchedule
 from lightning_shrink.testing.models import (
     TinyClassifier,
@@ -232,34 +230,6 @@ def test_gradient_accumulation_and_bf16_count_optimizer_steps():
         assert not p[~keep].any()
 
 
-def _resume_run(tmp_path, ckpt_path=None, save=False):
-    torch.manual_seed(0)
-    model = TinyClassifier(optimizer="adamw", lr=0.05)
-    # 24 steps; updates at 2, 5, 8 (the checkpoint), 11, ..., 20 and 21 (0.875 of the run)
-    cb = GradualMagnitudePruning(0.8, start_step=2, end_step=0.875, frequency=3, scope="layer")
-    callbacks = [cb]
-    if save:
-        callbacks.append(
-            ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-        )
-    trainer = cpu_trainer(callbacks=callbacks, max_epochs=3, enable_checkpointing=save)
-    trainer.fit(model, _loader(), ckpt_path=ckpt_path)
-    return model, cb
-
-
-def test_resume_mid_schedule_is_bit_exact(tmp_path):
-    model_a, cb_a = _resume_run(tmp_path, save=True)
-    ckpt = tmp_path / "epoch=0.ckpt"  # after 8 of 24 steps: mid-schedule
-    state = torch.load(ckpt, weights_only=False)["lightning_shrink"]["pruning"]
-    assert state["last_update_step"] == 8 and 0 < state["sparsity"] < 0.8
-    model_b, cb_b = _resume_run(tmp_path, ckpt_path=ckpt)
-    assert cb_b.plugin.update_count == cb_a.plugin.update_count
-    for (na, a), (nb, b) in zip(model_a.state_dict().items(), model_b.state_dict().items(), strict=True):
-        assert na == nb and torch.equal(a, b), na
-    for name, mask in cb_a.masks.items():
-        assert torch.equal(mask, cb_b.masks[name])
-
-
 def test_continues_from_an_already_sparse_model():
     torch.manual_seed(0)
     model = TinyClassifier(optimizer="adamw", lr=0.05)
@@ -334,121 +304,6 @@ def test_rows_pattern_in_training_and_overrides():
     w0, w2 = model.net[0].weight, model.net[2].weight
     assert int((w0 == 0).all(1).sum()) == 8 and int((w2 == 0).all(1).sum()) == 16
     assert int(((w2 == 0).any(1) & ~(w2 == 0).all(1)).sum()) == 0
-
-
-# ---------------------------------------------------------------------------------------- errors
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        (dict(target_sparsity=1.0), "target_sparsity"),
-        (dict(target_sparsity=-0.1), "target_sparsity"),
-        (dict(target_sparsity=0.5, initial_sparsity=0.6), "initial_sparsity"),
-        (dict(target_sparsity=0.5, start_step=10, end_step=5), "end_step"),
-        (dict(target_sparsity=0.5, start_step=0.5, end_step=0.2), "end_step"),
-        (dict(target_sparsity=0.5, end_step=1.5), "end_step"),
-        (dict(target_sparsity=0.5, frequency=0), "frequency"),
-        (dict(target_sparsity=0.5, pattern="4:4"), "pattern"),
-        (dict(target_sparsity=0.5, pattern="5:4"), "pattern"),
-        (dict(target_sparsity=0.5, pattern="2-4"), "pattern"),
-        (dict(target_sparsity=0.8, pattern="2:4"), "target_sparsity"),
-        (dict(target_sparsity=0.5, scope="model"), "scope"),
-        (dict(target_sparsity=0.5, schedule="exp"), "schedule"),
-        (dict(target_sparsity=0.5, sparsity_overrides={"x": 1.2}), "sparsity_overrides"),
-    ],
-)
-def test_bad_arguments_fail_at_construction(kwargs, match):
-    with pytest.raises((ValueError, TypeError), match=match):
-        GradualMagnitudePruning(**kwargs)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        (dict(modules=["nothing.*"]), "no parameter matched"),
-        (
-            dict(pattern="4:8", target_sparsity=0.5, prune_output_layer=True, modules=["classifier"]),
-            "multiple of 8",
-        ),
-        (dict(start_step=0.9, end_step=3), "end_step"),
-    ],
-)
-def test_bad_selection_fails_at_setup(kwargs, match):
-    kwargs.setdefault("target_sparsity", 0.5)
-    model = TinyClassifier(hidden=12)
-    model.classifier = nn.Linear(12, 2)
-    trainer = cpu_trainer(callbacks=[GradualMagnitudePruning(**kwargs)], max_steps=4)
-    with pytest.raises(ValueError, match=match):
-        trainer.fit(model, _loader())
-    assert trainer.global_step == 0
-
-
-# ---------------------------------------------------------------------------------------- export
-
-
-def test_sparse_export_round_trip_through_the_hooks():
-    pm = get_plugin_manager(autoload=False)
-    torch.manual_seed(0)
-    dense = torch.randn(33, 17)
-    sparse = dense * (torch.rand(33, 17) > 0.7)
-    int8 = (torch.randint(-5, 5, (64, 8), dtype=torch.int8) * (torch.rand(64, 8) > 0.6)).to(torch.int8)
-    bf16 = (torch.randn(40) * (torch.rand(40) > 0.8)).to(torch.bfloat16)
-    tensors = {"a.weight": sparse.clone(), "b.weight": dense.clone(), "c.q": int8.clone(), "d": bf16.clone()}
-    metadata: dict = {}
-    pm.hook.shrink_export(model=nn.Linear(1, 1), tensors=tensors, metadata=metadata)
-    assert "a.weight" not in tensors and "b.weight" in tensors and "c.q" not in tensors
-    assert set(metadata["pruning"]["tensors"]) == {"a.weight", "c.q", "d"}
-    assert sum(t.numel() * t.element_size() for t in tensors.values()) < (
-        sparse.numel() * 4 + dense.numel() * 4 + int8.numel() + bf16.numel() * 2
-    )
-    import json
-
-    metadata = json.loads(json.dumps(metadata))
-    pm.hook.shrink_load(tensors=tensors, metadata=metadata)
-    assert set(tensors) == {"a.weight", "b.weight", "c.q", "d"}
-    for name, ref in {"a.weight": sparse, "b.weight": dense, "c.q": int8, "d": bf16}.items():
-        assert tensors[name].dtype == ref.dtype and torch.equal(tensors[name], ref), name
-
-
-def test_selection_by_name_type_and_parameter():
-    from lightning_shrink.pruning.selection import select_targets
-
-    model = TinyTransformerClassifier(tiny_bert())
-    base = dict(
-        module_types=None,
-        modules=None,
-        exclude_modules=(),
-        parameter_names=("weight",),
-        prune_output_layer=False,
-        scope="global",
-        target_sparsity=0.5,
-        sparsity_overrides={},
-    )
-    default = {t.name for t in select_targets(model, **base)}
-    assert len(default) == 2 * 6 + 1  # 6 Linear per layer + pooler; classifier excluded
-    with_head = {t.name for t in select_targets(model, **{**base, "prune_output_layer": True})}
-    assert with_head == default | {"model.classifier.weight"}
-    only = select_targets(
-        model, **{**base, "modules": ["*.attention.self.*"], "exclude_modules": ["*.value"], "scope": "layer"}
-    )
-    assert {t.name.split(".")[-2] for t in only} == {"query", "key"} and len({t.group for t in only}) == 4
-    emb = select_targets(
-        model, **{**base, "module_types": (nn.Embedding,), "parameter_names": ("weight", "bias")}
-    )
-    assert {t.name.split(".")[-2] for t in emb} == {
-        "word_embeddings",
-        "position_embeddings",
-        "token_type_embeddings",
-    }
-    overrides = select_targets(model, **{**base, "sparsity_overrides": {"*.intermediate.dense": 0.9}})
-    inter = [t for t in overrides if "intermediate" in t.name]
-    assert inter and all(t.final_sparsity == 0.9 and t.group == t.name for t in inter)
-    assert {t.group for t in overrides if t not in inter} == {"__global__"}
-    with pytest.raises(ValueError, match="sparsity_overrides"):
-        select_targets(model, **{**base, "sparsity_overrides": {"*.nothing": 0.9}})
-    model.model.bert.encoder.requires_grad_(False)  # frozen parameters are never pruned
-    assert {t.name for t in select_targets(model, **base)} == {"model.bert.pooler.dense.weight"}
 
 
 def test_global_threshold_that_empties_a_layer_warns_once_naming_it():

@@ -9,11 +9,14 @@ that is at least half zeros is replaced, when that is smaller, by two tensors::
 and ``metadata["pruning"]`` records each encoded tensor's shape and dtype. The hook runs last
 (``trylast``), after quantization has turned weights into int8 values (whose zeros stay zeros), so
 a pruned and quantized weight is stored as a bitmask plus its int8 non-zeros. :func:`shrink_load`
-runs first (``tryfirst``) and restores the exact tensor before other plugins decode.
+runs first (``tryfirst``) and restores the exact tensor before other plugins decode. A damaged encoding
+(a dtype that is not a torch dtype, a shape, bitmask or number of values that do not fit together, a
+piece without its metadata or metadata without its pieces) is a ``ValueError`` naming the tensor.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -48,9 +51,7 @@ def encode(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def decode(bitmask: torch.Tensor, values: torch.Tensor, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
     """The tensor that :func:`encode` encoded."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     bits = (bitmask.unsqueeze(1) & _BITS.to(bitmask.device)).ne(0).reshape(-1)[:numel]
     out = torch.zeros(numel, dtype=dtype, device=values.device)
     out[bits] = values.to(dtype)
@@ -65,6 +66,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def shrink_export(
     model: nn.Module, tensors: MutableMapping[str, torch.Tensor], metadata: MutableMapping[str, Any]
 ) -> None:
+    """Store tensors that are at least half zeros as a bitmask and their non-zeros (after quantization
+    encoded its tensors)."""
     encoded: dict[str, dict[str, Any]] = {}
     for name in list(tensors):
         tensor = tensors[name]
@@ -92,17 +95,78 @@ def shrink_export(
         metadata[METADATA_KEY] = {"format": FORMAT, "tensors": encoded}
 
 
-@hookimpl(tryfirst=True)
-def shrink_load(tensors: MutableMapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
+def _damaged(name: str, problem: str) -> ValueError:
+    return ValueError(f"sparse tensor {name!r} of the export: {problem} (the export is damaged)")
+
+
+def _decode_checked(
+    name: str, bitmask: torch.Tensor, values: torch.Tensor, spec: Mapping[str, Any]
+) -> torch.Tensor:
+    """:func:`decode`, after checking that the pieces and the metadata fit together."""
+    shape, dtype_name = spec.get("shape"), spec.get("dtype")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise _damaged(name, f"its shape {shape!r} is not a list of non-negative ints")
+    # Only attributes of torch that are dtypes: the metadata is read from disk.
+    dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise _damaged(name, f"its dtype {dtype_name!r} is not a torch dtype")
+    numel = math.prod(shape)
+    if bitmask.dtype != torch.uint8 or bitmask.dim() != 1 or bitmask.numel() != (numel + 7) // 8:
+        raise _damaged(
+            name,
+            f"its bitmask is {bitmask.dtype} of shape {tuple(bitmask.shape)}, not uint8 of shape "
+            f"({(numel + 7) // 8},) for shape {shape}",
+        )
+    bits = (bitmask.unsqueeze(1) & _BITS.to(bitmask.device)).ne(0).reshape(-1)
+    if bool(bits[numel:].any()):
+        raise _damaged(name, "its bitmask has bits set past the tensor's end")
+    nonzero = int(bits[:numel].sum())
+    if values.dtype != dtype or values.dim() != 1 or values.numel() != nonzero:
+        raise _damaged(
+            name,
+            f"it has {values.numel()} {values.dtype} values of shape {tuple(values.shape)} for {nonzero} set "
+            f"bits of a {dtype} tensor",
+        )
+    if spec.get("nonzero", nonzero) != nonzero:
+        raise _damaged(name, f"the metadata counts {spec.get('nonzero')!r} non-zeros, its bitmask {nonzero}")
+    return decode(bitmask, values, shape, dtype)
+
+
+def _listed(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The encoded tensors that ``metadata`` lists, by name."""
     info = metadata.get(METADATA_KEY)
     if not info:
-        return
-    if info.get("format") != FORMAT:
-        raise ValueError(f"unknown sparse encoding {info.get('format')!r} in metadata[{METADATA_KEY!r}]")
-    for name, spec in info["tensors"].items():
-        try:
-            bitmask = tensors.pop(name + MASK_SUFFIX)
-            values = tensors.pop(name + VALUES_SUFFIX)
-        except KeyError as exc:
-            raise ValueError(f"sparse tensor {name!r} is listed in metadata but its data is missing") from exc
-        tensors[name] = decode(bitmask, values, spec["shape"], getattr(torch, spec["dtype"]))
+        return {}
+    if not isinstance(info, Mapping) or info.get("format") != FORMAT:
+        found = info.get("format") if isinstance(info, Mapping) else info
+        raise ValueError(f"unknown sparse encoding {found!r} in metadata[{METADATA_KEY!r}]")
+    listed = info.get("tensors")
+    if not isinstance(listed, Mapping):
+        raise ValueError(
+            f"metadata[{METADATA_KEY!r}]['tensors'] must map tensor names to their shape and dtype, got "
+            f"{type(listed).__name__} (the export is damaged)"
+        )
+    return listed
+
+
+@hookimpl(tryfirst=True)
+def shrink_load(tensors: MutableMapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
+    """Decode the bitmask-encoded tensors, checking every piece against the metadata (before other
+    plugins decode)."""
+    listed = _listed(metadata)
+    for key in tensors:
+        base = key.removesuffix(MASK_SUFFIX).removesuffix(VALUES_SUFFIX)
+        if base != key and base not in listed:
+            raise _damaged(
+                base, f"{key!r} is part of an encoding that metadata[{METADATA_KEY!r}] does not list"
+            )
+    for name, spec in listed.items():
+        if not isinstance(spec, Mapping):
+            raise _damaged(name, f"its metadata entry is {spec!r}, not a mapping")
+        if name in tensors:
+            raise _damaged(name, "it is stored both dense and encoded")
+        if name + MASK_SUFFIX not in tensors or name + VALUES_SUFFIX not in tensors:
+            raise _damaged(name, "it is listed in the metadata but its bitmask or values are missing")
+        bitmask = tensors.pop(name + MASK_SUFFIX)
+        values = tensors.pop(name + VALUES_SUFFIX)
+        tensors[name] = _decode_checked(name, bitmask, values, spec)

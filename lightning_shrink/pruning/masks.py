@@ -1,5 +1,5 @@
-"""Mask computation: magnitude scores for each pattern and exact thresholds, also over sharded
-(FSDP2 / DTensor) parameters.
+"""Mask computation: the units each pattern prunes, ranked by their weights' scores (magnitudes by
+default), and exact thresholds, also over sharded (FSDP2 / DTensor) parameters.
 
 Every selection here is *exact*: a group whose scheduled sparsity is ``s`` over ``total`` weights
 prunes exactly ``round(s * total)`` of them (whole rows for ``"rows"``: the largest number of
@@ -7,12 +7,12 @@ lowest-scoring rows whose size does not exceed that count). Ties at the threshol
 position (parameter order, then flat index), so the result is the same on one process, on
 replicated DDP ranks and over FSDP2 shards.
 
-Scores are float32 magnitudes; ``-1`` marks weights that are already pruned (they are pruned
-first: masks never grow back while sparsity rises) and ``+inf`` weights that a pattern forbids to
-prune. On one process (or replicated DDP ranks) the threshold is ``torch.kthvalue`` of the
-concatenated scores. On sharded parameters it is found by bisection over the IEEE-754 bit patterns
-of the scores (which order non-negative floats like their values), with an all-reduce of counts per
-step (at most 33 steps): exact, not sampled.
+Scores are non-negative float32 importances (``|w|`` unless :func:`compute_masks` is given others);
+``-1`` marks weights that are already pruned (they are pruned first: masks never grow back while
+sparsity rises) and ``+inf`` weights that a pattern forbids to prune. On one process (or replicated
+DDP ranks) the threshold is ``torch.kthvalue`` of the concatenated scores. On sharded parameters it is
+found by bisection over the IEEE-754 bit patterns of the scores (which order non-negative floats like
+their values), with an all-reduce of counts per step (at most 33 steps): exact, not sampled.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.distributed as dist
 
-__all__ = ["Comm", "Pattern", "compute_masks", "local_tensor", "parse_pattern"]
+from lightning_shrink.pruning.distributed import Comm
+
+__all__ = ["Pattern", "check_divides", "compute_masks", "magnitude", "parse_pattern"]
 
 PRUNED = -1.0
 FORBIDDEN = float("inf")
@@ -53,66 +53,35 @@ class Pattern:
         return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
 
 
-def parse_pattern(pattern: str) -> Pattern:
-    """Parse ``"unstructured"``, ``"rows"`` or ``"N:M"``; raise ``ValueError`` naming ``pattern``."""
+def parse_pattern(pattern: str, owner: str = "GradualMagnitudePruning") -> Pattern:
+    """Parse ``"unstructured"``, ``"rows"`` or ``"N:M"``.
+
+    Raises:
+        TypeError: ``pattern`` is not a string.
+        ValueError: it is none of the three, or ``N:M`` does not have ``1 <= N < M``; the message starts
+            with ``owner``.
+    """
     if not isinstance(pattern, str):
-        raise TypeError(f"`pattern` must be a string, got {pattern!r}")
+        raise TypeError(f"{owner}: `pattern` must be a string, got {pattern!r}")
     if pattern in ("unstructured", "rows"):
         return Pattern(pattern)
     match = _NM.match(pattern)
     if match is None:
-        raise ValueError(f"`pattern` must be 'unstructured', 'rows' or 'N:M' such as '2:4', got {pattern!r}")
+        raise ValueError(
+            f"{owner}: `pattern` must be 'unstructured', 'rows' or 'N:M' such as '2:4', got {pattern!r}"
+        )
     n, m = int(match.group(1)), int(match.group(2))
     if n < 1 or n >= m:
         raise ValueError(
-            f"`pattern={pattern!r}`: N:M keeps N weights in every M, so 1 <= N < M is required "
+            f"{owner}: `pattern={pattern!r}`: N:M keeps N weights in every M, so 1 <= N < M is required "
             f"(got N={n}, M={m})"
         )
     return Pattern("nm", n, m)
 
 
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor, or ``t`` itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) and type(t).__name__ == "DTensor" else t
-
-
-def is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
-class Comm:
-    """The collectives a selection needs; a no-op on one process or for replicated parameters."""
-
-    def __init__(self, group: Any = None, sharded: bool = False) -> None:
-        self.sharded = sharded and dist.is_available() and dist.is_initialized()
-        self.group = group
-        self.world = dist.get_world_size(group) if self.sharded else 1
-        self.rank = dist.get_rank(group) if self.sharded else 0
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(t, group=self.group)
-        return t
-
-    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Stack of every rank's ``t`` (same shape on all ranks), shape ``(world, *t.shape)``."""
-        if self.world == 1:
-            return t.unsqueeze(0)
-        out = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t, group=self.group)
-        return torch.stack(out)
-
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-
-def _scores(w: torch.Tensor) -> torch.Tensor:
-    return w.detach().abs().float()
+def magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """The importance of each weight for magnitude pruning: ``|w|`` in float32."""
+    return weight.detach().abs().float()
 
 
 def _bits_to_float(i: int) -> float:
@@ -132,18 +101,19 @@ def _matrix(t: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 
 def _units(
-    w: torch.Tensor, keep: torch.Tensor, transposed: bool, pattern: Pattern
+    score: torch.Tensor, keep: torch.Tensor, transposed: bool, pattern: Pattern
 ) -> tuple[torch.Tensor, int]:
-    """Scores of the prunable units of one (local) parameter and the size of a unit."""
+    """Keys of the prunable units of one (local) parameter, from its weights' scores, and the size of
+    a unit."""
     if pattern.kind == "unstructured":
-        return _scores(w).reshape(-1).masked_fill_(~keep.reshape(-1), PRUNED), 1
-    mat, kmat = _matrix(w, transposed), _matrix(keep, transposed)
+        return score.reshape(-1).masked_fill(~keep.reshape(-1), PRUNED), 1
+    mat, kmat = _matrix(score, transposed), _matrix(keep, transposed)
     if pattern.kind == "rows":
-        rms = mat.detach().float().pow(2).mean(dim=1).sqrt()
+        rms = mat.pow(2).mean(dim=1).sqrt()
         keys = rms.masked_fill_(~kmat.any(dim=1), PRUNED)
         return keys, mat.shape[1]
     m, drop = pattern.m, pattern.m - pattern.n
-    keys = _scores(mat).masked_fill_(~kmat, PRUNED).reshape(mat.shape[0], -1, m)
+    keys = mat.masked_fill(~kmat, PRUNED).reshape(mat.shape[0], -1, m)
     order = torch.argsort(keys, dim=-1, stable=True)
     candidate = torch.zeros_like(keys, dtype=torch.bool).scatter_(-1, order[..., :drop], True)
     return keys.masked_fill_(~candidate, FORBIDDEN).reshape(-1), 1
@@ -232,8 +202,9 @@ def compute_masks(
     sparsity: float,
     pattern: Pattern,
     comm: Comm,
+    scores: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """New keep-masks for one threshold group.
+    """New keep-masks for one threshold group: the one place where masks are computed.
 
     Args:
         weights: The group's local weight tensors (shards when sharded).
@@ -244,6 +215,9 @@ def compute_masks(
         sparsity: The group's scheduled sparsity.
         pattern: The mask pattern.
         comm: Collectives over the shards (no-op when not sharded).
+        scores: The importance of each weight, non-negative float32 tensors shaped like ``weights``
+            (lower is pruned first; rows are ranked by the root-mean-square of their scores). ``None``:
+            :func:`magnitude`, ``|w|``.
 
     Returns:
         Boolean keep-masks shaped like ``weights``.
@@ -255,7 +229,9 @@ def compute_masks(
     if pattern.kind == "nm":
         k = min(k, total * (pattern.m - pattern.n) // pattern.m)
     k = min(k, total)
-    units = [_units(w, keep, t, pattern) for w, keep, t in zip(weights, keeps, transposed, strict=True)]
+    if scores is None:
+        scores = [magnitude(w) for w in weights]
+    units = [_units(s, keep, t, pattern) for s, keep, t in zip(scores, keeps, transposed, strict=True)]
     if pattern.kind == "rows":
         pruned = _select_weighted([u for u, _ in units], [s for _, s in units], k, comm)
     else:
@@ -269,11 +245,13 @@ def check_divides(shape: torch.Size, transposed: bool, pattern: Pattern, name: s
         return
     if len(shape) < 2:
         raise ValueError(
-            f"`pattern='{pattern}'` needs a weight with an input dimension; {name!r} has shape {tuple(shape)}"
+            f"GradualMagnitudePruning: `pattern='{pattern}'` needs a weight with an input dimension; "
+            f"{name!r} has shape {tuple(shape)}"
         )
     width = shape[0] if transposed else math.prod(shape[1:])
     if width % pattern.m:
         raise ValueError(
-            f"`pattern='{pattern}'` groups {pattern.m} consecutive weights along the input dimension, "
-            f"but {name!r} (shape {tuple(shape)}) has {width} inputs, not a multiple of {pattern.m}"
+            f"GradualMagnitudePruning: `pattern='{pattern}'` groups {pattern.m} consecutive weights along "
+            f"the input dimension, but {name!r} (shape {tuple(shape)}) has {width} inputs, not a multiple "
+            f"of {pattern.m}"
         )

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["SCHEDULES", "PruningSchedule", "resolve_step"]
+__all__ = ["SCHEDULES", "PruningSchedule"]
 
 #: Names of the built-in schedules.
 SCHEDULES: tuple[str, ...] = ("cubic", "linear", "constant")
-
-
-def resolve_step(value: int | float, total: float, argument: str, minimum: int = 0) -> int:
-    """Turn an ``int`` number of optimizer steps, or a ``float`` fraction of ``total`` optimizer
-    steps, into a number of optimizer steps (at least ``minimum``)."""
-    if isinstance(value, bool):
-        raise TypeError(f"`{argument}` must be an int (optimizer steps) or a float fraction, got {value!r}")
-    if isinstance(value, int):
-        return max(value, minimum)
-    if not math.isfinite(total):
-        raise ValueError(
-            f"`{argument}={value!r}` is a fraction of the run's optimizer steps, but the run's length is "
-            f"unknown (set `max_steps` or `max_epochs` on the Trainer, or give `{argument}` in steps)"
-        )
-    return max(round(value * total), minimum)
 
 
 @dataclass(frozen=True)
@@ -57,6 +41,12 @@ class PruningSchedule:
     start: int
     end: int
     frequency: int
+
+    @property
+    def final_step(self) -> int:
+        """The step of the last mask update, at which every group reaches its final sparsity
+        (``start`` for ``"constant"``, else ``end``)."""
+        return self.start if self.kind == "constant" else self.end
 
     def is_update_step(self, step: int) -> bool:
         """Whether the masks are updated once ``step`` optimizer steps have completed."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import fnmatch
 import sys
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
+
+from lightning_shrink.pruning.config import OWNER, PruningConfig
 
 __all__ = ["PruneTarget", "default_module_types", "is_conv1d", "select_targets"]
 
@@ -60,37 +61,30 @@ class PruneTarget:
     group: str
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+def select_targets(model: nn.Module, config: PruningConfig) -> list[PruneTarget]:
+    """Select the parameters to prune (see :class:`~lightning_shrink.GradualMagnitudePruning` for the
+    rules).
 
-
-def select_targets(
-    model: nn.Module,
-    *,
-    module_types: tuple[type, ...] | None,
-    modules: Sequence[str] | None,
-    exclude_modules: Sequence[str],
-    parameter_names: Sequence[str],
-    prune_output_layer: bool,
-    scope: str,
-    target_sparsity: float,
-    sparsity_overrides: Mapping[str, float],
-) -> list[PruneTarget]:
-    """Select the parameters to prune (see :class:`GradualMagnitudePruning` for the rules).
+    Modules are chosen by ``config.selector`` (the one module selector of every technique: each pattern
+    of ``modules`` and ``exclude_modules`` must match a module name; a module named exactly in
+    ``modules`` that is not one of ``module_types`` is a ``TypeError``); the parameters pruned are those
+    of ``parameter_names`` that require gradients.
 
     Raises:
-        ValueError: if nothing matches, naming the arguments to change.
+        TypeError: ``modules`` names a module that is not one of ``module_types``.
+        ValueError: a pattern matches no module, a ``modules`` or ``sparsity_overrides`` pattern selects
+            no parameter, or nothing is selected at all; the message names the argument to change.
     """
-    types = module_types if module_types is not None else default_module_types()
-    candidates: list[tuple[str, nn.Module]] = []
-    for module_name, module in model.named_modules(remove_duplicate=True):
-        if not module_name or not isinstance(module, types):
-            continue
-        if modules is not None and not _matches(module_name, modules):
-            continue
-        if _matches(module_name, exclude_modules):
-            continue
-        candidates.append((module_name, module))
+    types = config.module_types if config.module_types is not None else default_module_types()
+    type_names = ", ".join(t.__name__ for t in types)
+    modules = config.modules
+
+    def supported(name: str, module: nn.Module) -> str | None:
+        if isinstance(module, types):
+            return None
+        return f"it is a {type(module).__name__}, not one of `module_types` ({type_names})"
+
+    candidates = list(config.selector.select(model, supported).items())
 
     # Parameters that also belong to a module that is not selected by type (tied embeddings and
     # LM heads) are left alone unless named explicitly.
@@ -100,7 +94,7 @@ def select_targets(
             if not isinstance(module, types):
                 shared_ids.update(id(p) for p in module.parameters(recurse=False))
     output_layer = None
-    if modules is None and not prune_output_layer:
+    if modules is None and not config.prune_output_layer:
         trainable = [
             (n, m)
             for n, m in candidates
@@ -114,21 +108,22 @@ def select_targets(
             if isinstance(out, nn.Module):
                 shared_ids.update(id(p) for p in out.parameters(recurse=False))
 
+    overrides = config.sparsity_overrides
     seen: set[int] = set()
     targets: list[PruneTarget] = []
     for module_name, module in candidates:
         if module_name == output_layer:
             continue
         for pname, param in module.named_parameters(recurse=False):
-            if pname not in parameter_names or not param.requires_grad:
+            if pname not in config.parameter_names or not param.requires_grad:
                 continue
             if id(param) in seen or id(param) in shared_ids:
                 continue
             seen.add(id(param))
-            override = [v for p, v in sparsity_overrides.items() if fnmatch.fnmatchcase(module_name, p)]
-            final = override[-1] if override else target_sparsity
+            override = [v for p, v in overrides if fnmatch.fnmatchcase(module_name, p)]
+            final = override[-1] if override else config.target_sparsity
             full_name = f"{module_name}.{pname}"
-            group = full_name if override or scope == "layer" else "__global__"
+            group = full_name if override or config.scope == "layer" else "__global__"
             targets.append(
                 PruneTarget(
                     name=full_name,
@@ -139,17 +134,21 @@ def select_targets(
                 )
             )
     if not targets:
-        type_names = ", ".join(t.__name__ for t in types)
         raise ValueError(
-            "GradualMagnitudePruning: no parameter matched the selection "
+            f"{OWNER}: no parameter matched the selection "
             f"(module_types=[{type_names}], modules={list(modules) if modules is not None else None}, "
-            f"exclude_modules={list(exclude_modules)}, parameter_names={list(parameter_names)}); "
+            f"exclude_modules={list(config.exclude_modules)}, "
+            f"parameter_names={list(config.parameter_names)}); "
             "frozen parameters and the output layer are skipped by default"
         )
-    for pattern in sparsity_overrides:
+    for pattern in modules or ():
         if not any(fnmatch.fnmatchcase(t.module_name, pattern) for t in targets):
             raise ValueError(
-                f"GradualMagnitudePruning: `sparsity_overrides` pattern {pattern!r} matches no "
-                "selected module"
+                f"{OWNER}: `modules` pattern {pattern!r} selects no parameter to prune: the modules it "
+                f"matches are not of `module_types` ({type_names}), are excluded, or have no trainable "
+                f"parameter named in `parameter_names` {list(config.parameter_names)}"
             )
+    for pattern, _ in overrides:
+        if not any(fnmatch.fnmatchcase(t.module_name, pattern) for t in targets):
+            raise ValueError(f"{OWNER}: `sparsity_overrides` pattern {pattern!r} matches no selected module")
     return targets

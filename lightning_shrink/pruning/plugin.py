@@ -1,0 +1,463 @@
+"""The plugin of :class:`~lightning_shrink.GradualMagnitudePruning`: selects the parameters, follows the
+schedule, keeps pruned weights at zero, and reports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_shrink.hookspecs import hookimpl
+from lightning_shrink.lightning.technique import TechniquePlugin
+from lightning_shrink.pruning.config import OWNER, PruningConfig
+from lightning_shrink.pruning.distributed import (
+    Comm,
+    broadcast_masks,
+    is_dtensor,
+    local_tensor,
+    replicated_world_size,
+    sharded_comm,
+)
+from lightning_shrink.pruning.masks import check_divides, compute_masks
+from lightning_shrink.pruning.schedule import PruningSchedule
+from lightning_shrink.pruning.selection import PruneTarget, select_targets
+from lightning_shrink.pruning.state import STATE_VERSION, check_resume, is_pruning_state, resume_record
+from lightning_shrink.types import ReportRow
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from torch import nn
+
+__all__ = ["PruningPlugin"]
+
+
+class PruningPlugin(TechniquePlugin):
+    """The hook implementations of one :class:`~lightning_shrink.GradualMagnitudePruning` (registered as
+    ``"pruning"``, ``"pruning-2"``...).
+
+    Args:
+        config: The validated configuration.
+    """
+
+    default_name = "pruning"
+    config: PruningConfig
+
+    def __init__(self, config: PruningConfig) -> None:
+        super().__init__(config)
+        self.targets: list[PruneTarget] = []
+        self.params: list[torch.nn.Parameter] = []
+        self.keeps: list[torch.Tensor] = []
+        self.schedule: PruningSchedule | None = None
+        self.last_update_step: int | None = None
+        self.update_count = 0
+        self.sparsity = 0.0
+        self.target_now = 0.0
+        self.layer_sparsity: dict[str, float] = {}
+        self._pruned: list[int] = []
+        self._total_steps = float("inf")
+        self._warned_emptied: set[str] = set()
+        self._restored: Mapping[str, Any] | None = None
+        self._started = False
+        self._layers_pending = False
+        self._active: list[int] = []
+        self._active_masks: list[torch.Tensor] = []
+        self._comm = Comm()
+        self._replicated_world = 1
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The current keep-masks (``True`` = kept), by qualified parameter name."""
+        return {t.name: k for t, k in zip(self.targets, self.keeps, strict=True)}
+
+    # ------------------------------------------------------------------ set-up
+
+    @hookimpl
+    def shrink_setup(self, stage: str) -> None:
+        """Forget the previous fit's selection and schedule."""
+        if stage == "fit":
+            self.targets, self.params, self.schedule = [], [], None
+            self._restored = None
+
+    @hookimpl
+    def shrink_configure_model(self, pl_module: pl.LightningModule, stage: str) -> None:
+        """Select the parameters to prune; refuse patterns that match nothing and overlaps with other
+        pruning callbacks."""
+        if stage != "fit":
+            return
+        cfg = self.config
+        self.targets = select_targets(pl_module, cfg)
+        named = dict(pl_module.named_parameters(remove_duplicate=False))
+        for t in self.targets:
+            check_divides(named[t.name].shape, t.transposed, cfg.pattern, t.name)
+        mine = {id(named[t.name]): t.name for t in self.targets}
+        for peer in self.peers():
+            if not isinstance(peer, PruningPlugin) or not peer.targets:
+                continue
+            both = [mine[id(named[t.name])] for t in peer.targets if id(named.get(t.name)) in mine]
+            if both:
+                first, second = sorted((peer.name, self.name))
+                raise ValueError(
+                    f"{OWNER}: plugins {first!r} and {second!r} both select {both[:3]}"
+                    f"{f' and {len(both) - 3} more' if len(both) > 3 else ''}: a parameter can follow one "
+                    "schedule only; make their `modules` / `exclude_modules` disjoint"
+                )
+
+    @hookimpl
+    def shrink_load_state(self, trainer: pl.Trainer, state: Mapping[str, Any]) -> None:
+        """Keep this plugin's checkpoint state for the first batch; refuse pruning states no plugin
+        claims and a changed configuration."""
+        if trainer.state.fn != "fit":
+            return
+        names = {self.name, *(p.name for p in self.peers() if isinstance(p, PruningPlugin))}
+        unclaimed = sorted(k for k, v in state.items() if is_pruning_state(v) and k not in names)
+        if unclaimed:
+            raise ValueError(
+                f"{OWNER}: the checkpoint holds the pruning state of {unclaimed}, but the Trainer has no "
+                f"GradualMagnitudePruning registered under that name (registered: {sorted(names)}); those "
+                "masks would no longer be enforced. Resume with the callbacks (and `name`s) of the original "
+                "run"
+            )
+        saved = state.get(self.name)
+        self._restored = saved if saved else None
+        if self._restored is not None and self.schedule is not None:
+            check_resume(self.name, self._restored, self._record())
+
+    @hookimpl
+    def shrink_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resolve the schedule in optimizer steps and find how the parameters are distributed."""
+        cfg = self.config
+        named = dict(pl_module.named_parameters(remove_duplicate=False))
+        self.params = [named[t.name] for t in self.targets]
+        if any(is_dtensor(p) for p in self.params):
+            self._comm = sharded_comm(self.targets, self.params, cfg.pattern)
+            self._replicated_world = 1
+        else:
+            self._comm = Comm()
+            self._replicated_world = replicated_world_size()
+        self._total_steps = float(trainer.estimated_stepping_batches)
+        self.schedule = cfg.resolve_schedule(self._total_steps)
+        if self.schedule.final_step > self._total_steps:
+            rank_zero_warn(
+                f"{OWNER} ({self.name!r}): the schedule's last mask update is at optimizer step "
+                f"{self.schedule.final_step}, after the run's {int(self._total_steps)} steps; "
+                "`target_sparsity` will not be reached"
+            )
+        if self._restored is not None:
+            check_resume(self.name, self._restored, self._record())
+        self.keeps = []
+        self._active, self._active_masks = [], []
+        self._started = False
+
+    def _record(self) -> dict[str, Any]:
+        assert self.schedule is not None
+        return resume_record(self.config, self.schedule, self.targets, self._total_steps)
+
+    def _start(self, trainer: pl.Trainer) -> None:
+        """First batch of the fit: the checkpoint (if any) and the optimizer state are restored."""
+        assert self.schedule is not None
+        self._started = True
+        restored, self._restored = self._restored, None
+        locals_ = [local_tensor(p) for p in self.params]
+        keeps: list[torch.Tensor] | None = None
+        if restored is not None:
+            # Under FSDP2 each rank holds the masks of its own shard and only one rank's state is
+            # saved: the masks are rebuilt from the restored weights' zeros instead.
+            saved = {} if (self._comm.sharded or restored.get("sharded")) else restored.get("masks", {})
+            if all(
+                t.name in saved and tuple(saved[t.name].shape) == tuple(w.shape)
+                for t, w in zip(self.targets, locals_, strict=True)
+            ):
+                keeps = [
+                    saved[t.name].to(device=w.device, dtype=torch.bool)
+                    for t, w in zip(self.targets, locals_, strict=True)
+                ]
+            self.last_update_step = restored.get("last_update_step")
+            self.update_count = int(restored.get("update_count", 0))
+        else:
+            self.last_update_step = None
+            self.update_count = 0
+        if keeps is None:
+            # Zeros already in the weights (an already-sparse model, a second fit) are the initial
+            # masks; an all-zero parameter is zero-initialized, not pruned.
+            nonzero = self._comm.all_reduce(torch.tensor([int(torch.count_nonzero(w)) for w in locals_]))
+            keeps = [
+                w != 0 if int(nz) else torch.ones_like(w, dtype=torch.bool)
+                for w, nz in zip(locals_, nonzero.tolist(), strict=True)
+            ]
+            keeps = self._broadcast(keeps)
+        self.keeps = keeps
+        step = trainer.global_step
+        if self.schedule.is_update_step(step) and self.last_update_step != step:
+            self._update(trainer, step)
+        elif restored is None and step > self.schedule.start:
+            rank_zero_warn(
+                f"{OWNER} ({self.name!r}): the fit starts at optimizer step {step} (a resumed checkpoint) "
+                f"without this plugin's state; the masks are computed now for the schedule's sparsity at "
+                f"this step ({self.schedule.sparsity(step):.4g}), at once rather than gradually"
+            )
+            self._update(trainer, step)
+        else:
+            self._refresh_stats(step)
+            self._zero_optimizer_state(trainer)
+        self._apply()
+
+    # ------------------------------------------------------------------ training
+
+    @hookimpl
+    def shrink_train_batch_start(self, trainer: pl.Trainer) -> None:
+        """At the first batch: restore or build the masks (checkpoint weights and optimizer state are
+        loaded by now) and apply them."""
+        if not self._started and self.targets:
+            self._start(trainer)
+
+    @hookimpl(trylast=True)
+    def shrink_before_optimizer_step(self, trainer: pl.Trainer) -> None:
+        """With ``mask_gradients``: zero the gradients of pruned weights, after other plugins changed
+        the gradients."""
+        if not self.config.mask_gradients:
+            return
+        if not self._started:
+            if not self.targets:
+                return
+            self._start(trainer)
+        grads, masks = [], []
+        for i, mask in zip(self._active, self._active_masks, strict=True):
+            grad = self.params[i].grad
+            if grad is not None:
+                grads.append(local_tensor(grad))
+                masks.append(mask)
+        if grads:
+            with torch.no_grad():
+                torch._foreach_mul_(grads, masks)
+
+    @hookimpl
+    def shrink_after_optimizer_step(self, trainer: pl.Trainer) -> None:
+        """Update the masks at schedule steps, then multiply them into the weights."""
+        if not self._started:
+            return
+        step = trainer.global_step + 1
+        if self.schedule is not None and self.schedule.is_update_step(step) and self.last_update_step != step:
+            self._update(trainer, step)
+        self._apply()
+
+    def _apply(self) -> None:
+        # One fused in-place multiply over all pruned parameters, by masks of the parameters' own
+        # dtype: the vectorized path (bool masks take PyTorch's slower casting path, masked_fill_
+        # is slower still on CPU; measured in benchmarks/bench_pruning.py).
+        if self._active:
+            # Local shards are looked up every step: FSDP2 may re-create them after set-up.
+            params = [local_tensor(self.params[i]) for i in self._active]
+            if self._active_masks[0].device != params[0].device:
+                # Lightning's teardown moves the model back to the CPU before `on_fit_end`.
+                self._active_masks = [m.to(p.device) for m, p in zip(self._active_masks, params, strict=True)]
+            with torch.no_grad():
+                torch._foreach_mul_(params, self._active_masks)
+
+    def _groups(self) -> dict[str, list[int]]:
+        """Indices of the targets of each threshold group."""
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(self.targets):
+            groups.setdefault(t.group, []).append(i)
+        return groups
+
+    def _update(self, trainer: pl.Trainer, step: int) -> None:
+        """Recompute the masks for ``step``."""
+        assert self.schedule is not None
+        new = list(self.keeps)
+        with torch.no_grad():
+            for indices in self._groups().values():
+                final = self.targets[indices[0]].final_sparsity
+                masks = compute_masks(
+                    [local_tensor(self.params[i]) for i in indices],
+                    [self.keeps[i] for i in indices],
+                    [self.targets[i].transposed for i in indices],
+                    [self.params[i].numel() for i in indices],
+                    self.schedule.sparsity(step, final),
+                    self.config.pattern,
+                    self._comm,
+                )
+                for i, m in zip(indices, masks, strict=True):
+                    new[i] = m
+        self.keeps = self._broadcast(new)
+        self.last_update_step = step
+        self.update_count += 1
+        self._layers_pending = True
+        self._refresh_stats(step)
+        self._warn_emptied_layers(step)
+        self._zero_optimizer_state(trainer)
+
+    def _warn_emptied_layers(self, step: int) -> None:
+        """A shared (global) threshold can remove a whole layer whose weights are all small, e.g. a
+        head the pretrained checkpoint never trained; the model then silently loses that layer."""
+        emptied = [
+            name for name, s in self.layer_sparsity.items() if s >= 1.0 and name not in self._warned_emptied
+        ]
+        if not emptied:
+            return
+        self._warned_emptied.update(emptied)
+        rank_zero_warn(
+            f"{OWNER} ({self.name!r}): at step {step} the {self.config.scope} threshold removed every "
+            f"weight of {', '.join(emptied)} (the layer now outputs its bias alone). If that is not "
+            "intended, use scope='layer', cap it with sparsity_overrides={name: ...}, or list it in "
+            "exclude_modules."
+        )
+
+    def _broadcast(self, keeps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Under DDP, every rank takes rank 0's masks (bitwise identical masks on all ranks)."""
+        return broadcast_masks(keeps) if self._replicated_world > 1 else keeps
+
+    def _refresh_stats(self, step: int) -> None:
+        pruned = torch.tensor([int((~k).sum()) for k in self.keeps], dtype=torch.int64)
+        self._pruned = self._comm.all_reduce(pruned).tolist()
+        totals = [p.numel() for p in self.params]
+        self.layer_sparsity = {
+            t.name: c / n for t, c, n in zip(self.targets, self._pruned, totals, strict=True)
+        }
+        self.sparsity = sum(self._pruned) / sum(totals)
+        assert self.schedule is not None
+        self.target_now = self.schedule.sparsity(step) if step >= self.schedule.start else 0.0
+        # The parameters that have pruned weights, and their masks in the parameters' dtype: what is
+        # enforced at every step.
+        self._active = [i for i, k in enumerate(self.keeps) if not bool(k.all())]
+        self._active_masks = [self.keeps[i].to(self.params[i].dtype) for i in self._active]
+
+    def _zero_optimizer_state(self, trainer: pl.Trainer) -> None:
+        if not self._active:
+            return
+        with torch.no_grad():
+            for optimizer in trainer.optimizers:
+                state = optimizer.state
+                for i in self._active:
+                    entry = state.get(self.params[i])
+                    if not entry:
+                        continue
+                    pruned = ~self.keeps[i]
+                    for value in entry.values():
+                        if isinstance(value, torch.Tensor):
+                            local = local_tensor(value)
+                            if local.shape == pruned.shape:
+                                # At fit end Lightning has moved the optimizer state to the CPU.
+                                local.masked_fill_(pruned.to(local.device), 0)
+
+    def shortfall(self) -> list[str]:
+        """The threshold groups whose masks fall short of their final sparsity, described (empty when
+        every group reached it, as exactly as its pattern allows)."""
+        short = []
+        for group, indices in self._groups().items():
+            final = self.targets[indices[0]].final_sparsity
+            total = sum(self.params[i].numel() for i in indices)
+            need = round(final * total)
+            unit = 1
+            if self.config.pattern.kind == "rows":
+                # whole rows: the largest number of rows that fits is at most one row short
+                unit = max(p.numel() // p.shape[1 if t.transposed else 0] for t, p in self._pairs(indices))
+            pruned = sum(self._pruned[i] for i in indices)
+            if pruned <= need - unit:
+                what = f"{len(indices)} layers under the global threshold" if group == "__global__" else group
+                short.append(f"{what} at {pruned / total:.4f} (target {final:g})")
+        return short
+
+    def _pairs(self, indices: list[int]) -> list[tuple[PruneTarget, torch.nn.Parameter]]:
+        return [(self.targets[i], self.params[i]) for i in indices]
+
+    # ------------------------------------------------------------------ visibility
+
+    @hookimpl
+    def shrink_metrics(self) -> dict[str, float] | None:
+        """Log the actual and the scheduled sparsity, and each layer's at mask updates."""
+        if not self._started:
+            return None
+        metrics = {self.key("sparsity"): self.sparsity, self.key("target_sparsity"): self.target_now}
+        if self._layers_pending and self.config.log_layer_sparsity:
+            metrics.update({self.key(f"sparsity/{name}"): v for name, v in self.layer_sparsity.items()})
+        self._layers_pending = False
+        return metrics
+
+    @hookimpl
+    def shrink_progress_bar_metrics(self) -> dict[str, float] | None:
+        """Show the actual and the scheduled sparsity."""
+        if not self._started:
+            return None
+        return {
+            self.key("sparsity"): round(self.sparsity, 4),
+            self.key("target_sparsity"): round(self.target_now, 4),
+        }
+
+    @hookimpl
+    def shrink_report_rows(self, model: nn.Module) -> list[ReportRow] | None:
+        """Sparsity measured from the weights, overall and per layer; target, pattern, whether the target
+        was reached."""
+        if not self.targets or not self.params:
+            return None
+        by_id = {id(p): t for t, p in zip(self.targets, self.params, strict=True)}
+        rows: list[ReportRow] = []
+        zeros = total = 0
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                t = by_id.get(id(p))
+                if t is None:
+                    continue
+                w = local_tensor(p)
+                z = w.numel() - int(torch.count_nonzero(w))
+                zeros += z
+                total += w.numel()
+                rows.append(ReportRow(self.name, "sparsity", z / w.numel() if w.numel() else 0.0, name))
+        if not rows:
+            return None
+        head = [
+            ReportRow(self.name, "sparsity", zeros / total, "pruned layers"),
+            ReportRow(self.name, "target sparsity", self.config.target_sparsity, "pruned layers"),
+            ReportRow(self.name, "pattern", str(self.config.pattern), "pruned layers"),
+            ReportRow(self.name, "pruned layers", len(rows), ""),
+        ]
+        if self._pruned:
+            head.append(ReportRow(self.name, "target reached", not self.shortfall(), "pruned layers"))
+        return head + rows
+
+    # ------------------------------------------------------------------ checkpoint and end
+
+    @hookimpl
+    def shrink_save_state(self, state: MutableMapping[str, Any]) -> None:
+        """Save the masks, the schedule position and what a resume is compared with."""
+        if not self._started:
+            return
+        state[self.name] = {
+            "version": STATE_VERSION,
+            **self._record(),
+            "masks": {
+                t.name: k.detach().cpu().clone() for t, k in zip(self.targets, self.keeps, strict=True)
+            },
+            "last_update_step": self.last_update_step,
+            "update_count": self.update_count,
+            "sharded": self._comm.sharded,
+            "sparsity": self.sparsity,
+            "pattern": str(self.config.pattern),
+        }
+
+    @hookimpl
+    def shrink_fit_end(self, trainer: pl.Trainer) -> None:
+        """Apply the masks a last time, zero pruned weights' optimizer state; warn when the run ended
+        short of the target."""
+        if not self._started:
+            return
+        self._apply()
+        self._zero_optimizer_state(trainer)
+        # Masks live in the weights' zeros now: the next fit starts from them.
+        self._started = False
+        short = self.shortfall()
+        if short:
+            assert self.schedule is not None
+            final = self.schedule.final_step
+            if self.last_update_step is None or self.last_update_step < final:
+                why = (
+                    f"the schedule's last mask update is at step {final}, after the run's end: end pruning "
+                    "earlier (`end_step`) or train longer"
+                )
+            else:
+                why = f"the `schedule` callable's value at step {final} is below the target"
+            rank_zero_warn(
+                f"{OWNER} ({self.name!r}): the run ended at optimizer step {trainer.global_step} short of "
+                f"its target sparsity: {'; '.join(short[:3])}{' ...' if len(short) > 3 else ''} ({why})"
+            )
