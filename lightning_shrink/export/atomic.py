@@ -1,5 +1,8 @@
 """Writing and replacing an export directory so that a complete export is at the target path at
-every instant, recovering from a killed write on the next `export` or `load`."""
+every instant, recovering from a killed write on the next `export` or `load`.
+
+:func:`staged_directory` is the one way this package, and the demo's output directory, write a
+directory: into a temporary sibling, moved into place when complete."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import re
 import secrets
 import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,3 +200,23 @@ def _commit(tmp: Path, target: Path) -> None:
             raise
         _remove(backup)
     _fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """Yield a new empty directory beside ``target`` (``.<name>.XXXXXXXX.tmp``) to write into; when
+    the block ends without an exception, move it to ``target``, replacing what is there (an atomic
+    swap where the platform can, see :func:`_commit`); when the block raises (an interrupt
+    included), remove it.
+
+    A process killed inside the block leaves the temporary behind, as a sibling that
+    :func:`_siblings` recognizes (the next :func:`~lightning_shrink.export` of ``target`` removes it).
+    The parent directory must exist.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        _commit(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,12 @@ from torch import nn
 from lightning_shrink.export.architecture import _architecture, _builder
 from lightning_shrink.export.atomic import (
     _clean_stale,
-    _commit,
     _fsync,
     _fsync_dir,
     _parent_locked,
     _recover,
-    _remove,
     _siblings,
+    staged_directory,
 )
 from lightning_shrink.export.layout import (
     CONFIG_NAME,
@@ -124,8 +122,7 @@ def export(
             out[key] = value.contiguous().cpu()
         metadata["aliases"] = aliases
 
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        try:
+        with staged_directory(target) as tmp:
             save_file(out, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             if metadata["architecture"]["kind"] == "transformers":
                 model.config.save_pretrained(tmp)
@@ -133,10 +130,6 @@ def export(
             for path in tmp.iterdir():
                 _fsync(path)
             _fsync_dir(tmp)
-            _commit(tmp, target)
-        except BaseException:
-            _remove(tmp)
-            raise
     return target
 
 

@@ -4,7 +4,7 @@ configs (nothing is downloaded), small enough for a CPU ``Trainer.fit`` in about
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -12,6 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 __all__ = [
+    "DeferredTinyClassifier",
+    "RandomClassificationData",
     "ShardedTinyClassifier",
     "TinyClassifier",
     "TinyTransformerClassifier",
@@ -49,10 +51,20 @@ class TinyClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.net: nn.Module | None = None
+        self.classifier: nn.Linear | None = None
+        if not self.build_in_configure_model:
+            self._build()
+
+    #: Whether the layers are created in ``configure_model`` instead of ``__init__``.
+    build_in_configure_model: ClassVar[bool] = False
+
+    def _build(self) -> None:
+        h = self.hparams
         self.net = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
+            nn.Linear(h.in_features, h.hidden), nn.ReLU(), nn.Linear(h.hidden, h.hidden), nn.ReLU()
         )
-        self.classifier = nn.Linear(hidden, num_classes)
+        self.classifier = nn.Linear(h.hidden, h.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.net(x))
@@ -81,6 +93,19 @@ class TinyClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
+class DeferredTinyClassifier(TinyClassifier):
+    """:class:`TinyClassifier` whose layers do not exist until ``configure_model`` creates them
+    (Lightning's pattern for models too large to build in ``__init__``): techniques must prepare the
+    model in ``shrink_configure_model``, not earlier. A second ``configure_model`` call keeps the
+    layers it built."""
+
+    build_in_configure_model = True
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self._build()
+
+
 class ShardedTinyClassifier(TinyClassifier):
     """:class:`TinyClassifier` sharded with FSDP2 for ``ModelParallelStrategy``: each ``Linear`` and
     then the whole module are ``fully_shard``-ed over the ``"data_parallel"`` mesh dimension in
@@ -94,6 +119,51 @@ class ShardedTinyClassifier(TinyClassifier):
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(self, mesh=mesh)
+
+
+class RandomClassificationData(pl.LightningDataModule):
+    """:func:`random_classification_data` as a LightningDataModule, for recipes
+    (``data.class_path: lightning_shrink.testing.models.RandomClassificationData``) and examples:
+    ``n`` training examples and ``val_size`` held-out ones (the validation and the test loader) of
+    one labelling rule.
+
+    Args:
+        n: Training examples.
+        in_features: Features per example.
+        num_classes: Classes.
+        batch_size: Batch size of every loader.
+        val_size: Held-out examples.
+        seed: Seed of the examples and of the labelling rule.
+    """
+
+    def __init__(
+        self,
+        n: int = 64,
+        in_features: int = 16,
+        num_classes: int = 2,
+        batch_size: int = 8,
+        val_size: int = 16,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for argument, value in (("n", n), ("batch_size", batch_size), ("val_size", val_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"RandomClassificationData: `{argument}` must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"RandomClassificationData: `{argument}` must be >= 1, got {value!r}")
+        self.save_hyperparameters()
+        data = random_classification_data(n + val_size, in_features, num_classes, seed)
+        self.train_set = TensorDataset(*(t[:n] for t in data.tensors))
+        self.val_set = TensorDataset(*(t[n:] for t in data.tensors))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
 
 
 def tiny_bert(

@@ -31,6 +31,7 @@ Fixtures
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -66,12 +67,19 @@ class HookCall:
 class HookRecorder:
     """Records every hook call made through a plugin manager, like pytest's ``HookRecorder``.
 
+    Every hook is recorded from the moment the recorder is attached: the Trainer-time hooks, the
+    historic ones (``shrink_plugin_registered`` for each plugin registered afterwards, replayed to
+    a plugin that implements it), the export and report hooks, and hooks that plugins add with
+    ``shrink_addhooks``. Querying a name that is not a hook of the manager (a typo such as
+    ``"shrink_configure_modle"``) raises ``ValueError`` rather than counting zero calls.
+
     Args:
         pluginmanager: The manager to monitor. Call :meth:`finish_recording` to detach.
     """
 
     def __init__(self, pluginmanager: ShrinkPluginManager) -> None:
         self.calls: list[HookCall] = []
+        self._pluginmanager = pluginmanager
 
         def before(hook_name: str, hook_impls: Sequence[Any], kwargs: dict[str, Any]) -> None:
             self.calls.append(HookCall(hook_name, dict(kwargs), [impl.plugin_name for impl in hook_impls]))
@@ -89,18 +97,47 @@ class HookRecorder:
         """The names of the recorded calls, in order."""
         return [call.name for call in self.calls]
 
-    def getcalls(self, names: str | Sequence[str]) -> list[HookCall]:
-        """The calls of the hooks ``names`` (a name, a space-separated string or a sequence)."""
+    def _hook_names(self, names: str | Sequence[str]) -> set[str]:
         wanted = set(names.split()) if isinstance(names, str) else set(names)
+        known = {
+            name
+            for name, caller in vars(self._pluginmanager.hook).items()
+            if getattr(caller, "spec", None) is not None
+        }
+        unknown = sorted(wanted - known)
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, known, n=1)
+                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"HookRecorder: not a hook of the plugin manager: {', '.join(hints)}")
+        return wanted
+
+    def getcalls(self, names: str | Sequence[str]) -> list[HookCall]:
+        """The calls of the hooks ``names`` (a name, a space-separated string or a sequence), in order.
+
+        Raises:
+            ValueError: a name is not a hook of the plugin manager.
+        """
+        wanted = self._hook_names(names)
         return [call for call in self.calls if call.name in wanted]
 
     def count(self, name: str) -> int:
-        """How many times hook ``name`` was called."""
-        return sum(call.name == name for call in self.calls)
+        """How many times hook ``name`` was called.
+
+        Raises:
+            ValueError: ``name`` is not a hook of the plugin manager.
+        """
+        return len(self.getcalls([name]))
 
     def assert_called(self, name: str, times: int | None = None) -> list[HookCall]:
-        """Assert that hook ``name`` was called (exactly ``times`` times if given)."""
-        calls = self.getcalls(name)
+        """Assert that hook ``name`` was called (exactly ``times`` times if given) and return its calls.
+
+        Raises:
+            AssertionError: it was called another number of times.
+            ValueError: ``name`` is not a hook of the plugin manager.
+        """
+        calls = self.getcalls([name])
         if (times is None and not calls) or (times is not None and len(calls) != times):
             expected = "at least once" if times is None else f"{times} time(s)"
             raise AssertionError(f"hook {name!r} called {len(calls)} time(s), expected {expected}")

@@ -1,0 +1,160 @@
+"""The demo's configuration: sizes and options of a run (:class:`DemoConfig`) and the presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from lightning_shrink.config import check_choice, check_number
+from lightning_shrink.demo.model import MINILM
+
+__all__ = ["PRESETS", "TECHNIQUES", "DemoConfig", "DemoError", "check_option"]
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run as asked; the message names the option to fix."""
+
+
+#: The demo's techniques and the callback class of each.
+TECHNIQUES: dict[str, str] = {
+    "pruning": "GradualMagnitudePruning",
+    "quantization": "QuantizationAwareTraining",
+    "distillation": "KnowledgeDistillation",
+}
+
+#: What each numeric field accepts (the arguments of :func:`lightning_shrink.config.check_number`).
+_NUMBERS: dict[str, dict[str, Any]] = {
+    "train_size": dict(low=1, integer=True, allow_none=True),
+    "test_size": dict(low=1, integer=True, allow_none=True),
+    "teacher_steps": dict(low=1, integer=True),
+    "student_steps": dict(low=1, integer=True),
+    "batch_size": dict(low=1, integer=True),
+    "max_length": dict(low=1, integer=True),
+    "lr": dict(low=0, low_inclusive=False),
+    "student_lr": dict(low=0, low_inclusive=False),
+    "sparsity": dict(low=0, high=1, low_inclusive=False, high_inclusive=False),
+    "embedding_group_size": dict(low=1, integer=True, allow_none=True),
+    "prune_frequency": dict(low=0, high=1, low_inclusive=False),
+    "temperature": dict(low=0, low_inclusive=False),
+    "alpha": dict(low=0, high=1),
+    "latency_repetitions": dict(low=1, integer=True),
+    "latency_inputs": dict(low=1, integer=True),
+    "seed": dict(low=0, integer=True),
+}
+_CHOICES: dict[str, tuple[Any, ...]] = {"embedding_bits": (8, 4)}
+
+
+def check_option(owner: str, argument: str, field: str, value: Any) -> Any:
+    """Check ``value`` for the :class:`DemoConfig` field ``field`` and return it; the message of the
+    ``TypeError`` / ``ValueError`` names ``owner`` and ``argument`` (``--sparsity`` on the command
+    line, ``sparsity`` in Python)."""
+    if field in _NUMBERS:
+        return check_number(owner, argument, value, **_NUMBERS[field])
+    if field in _CHOICES:
+        return check_choice(owner, argument, value, _CHOICES[field])
+    if field == "techniques":
+        if isinstance(value, str) or not all(isinstance(t, str) for t in value):
+            raise TypeError(f"{owner}: `{argument}` must be a sequence of technique names, got {value!r}")
+        for name in value:
+            if name not in TECHNIQUES:
+                raise ValueError(
+                    f"{owner}: `{argument}`: unknown technique {name!r} (choose from {', '.join(TECHNIQUES)})"
+                )
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"{owner}: `{argument}` must name each technique once, got {list(value)}")
+        return tuple(value)
+    if field == "model_name":
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"{owner}: `{argument}` must be a non-empty str, got {value!r}")
+        return value
+    raise ValueError(f"{owner}: unknown option {argument!r}")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes and options of a demo run (see :data:`PRESETS`), validated at construction.
+
+    Attributes:
+        model_name: ``"minilm"`` or ``"tiny"`` (a random 2-layer BERT, for smoke tests).
+        train_size: Training examples used (``None``: all).
+        test_size: Test examples used (``None``: all).
+        teacher_steps: Optimizer steps of the dense fine-tune.
+        student_steps: Optimizer steps of the compressed fine-tune.
+        batch_size: Training batch size.
+        max_length: Tokens per example.
+        lr: Peak learning rate of the dense fine-tune.
+        student_lr: Peak learning rate of the compressed fine-tune.
+        sparsity: Target sparsity of the pruning, in ``(0, 1)``.
+        embedding_bits: Bits of the quantized embedding tables, ``8`` or ``4`` (int4 in groups of
+            ``embedding_group_size``; the word-embedding table is half of MiniLM's weights, and
+            int8 tables leave the export at 5.8x smaller than FP32 instead of the goal's 6x).
+        embedding_group_size: Elements of an embedding row per scale when ``embedding_bits=4``.
+        prune_frequency: Steps between mask updates, as a fraction of the student's steps.
+        temperature: Distillation temperature.
+        alpha: Weight of the distillation loss.
+        latency_repetitions: Interleaved repetitions of the latency measurement.
+        latency_inputs: Test examples per latency repetition (batch size 1).
+        seed: Seed of the split, the subsets, the shuffling and the initialization.
+        techniques: The techniques of the compressed fine-tune, a subset of :data:`TECHNIQUES`.
+
+    Raises:
+        TypeError: a field has the wrong type.
+        ValueError: a field is out of range, or ``techniques`` names an unknown technique.
+    """
+
+    model_name: str = MINILM
+    train_size: int | None = None
+    test_size: int | None = None
+    teacher_steps: int = 500
+    student_steps: int = 700
+    batch_size: int = 16
+    max_length: int = 64
+    lr: float = 5e-5
+    student_lr: float = 5e-5
+    sparsity: float = 0.8
+    embedding_bits: int = 4
+    embedding_group_size: int | None = 64
+    prune_frequency: float = 0.02
+    temperature: float = 2.0
+    alpha: float = 0.5
+    latency_repetitions: int = 30
+    latency_inputs: int = 8
+    seed: int = 0
+    techniques: tuple[str, ...] = tuple(TECHNIQUES)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(
+                self, f.name, check_option("DemoConfig", f.name, f.name, getattr(self, f.name))
+            )
+
+
+#: Sizes: ``quick`` ends within about 5 minutes on 2 CPU cores (2.5 measured), ``default`` within
+#: about 20 (15 measured); ``smoke`` trains a tiny random BERT on a few dozen examples (for tests).
+PRESETS: dict[str, DemoConfig] = {
+    "default": DemoConfig(),
+    "quick": DemoConfig(
+        train_size=2000,
+        test_size=600,
+        teacher_steps=96,
+        student_steps=100,
+        lr=1e-4,
+        student_lr=1e-4,
+        prune_frequency=0.05,
+        latency_repetitions=15,
+    ),
+    "smoke": DemoConfig(
+        model_name="tiny",
+        train_size=48,
+        test_size=24,
+        teacher_steps=4,
+        student_steps=6,
+        batch_size=8,
+        max_length=32,
+        lr=1e-3,
+        student_lr=1e-3,
+        embedding_group_size=16,
+        latency_repetitions=3,
+        latency_inputs=2,
+    ),
+}
