@@ -62,6 +62,12 @@ class TeacherLogitCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def hit_rate(self) -> float:
+        """The fraction of lookups (one per batch) that found every example cached."""
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0
+
     def clear(self) -> None:
         """Forget every entry."""
         self._entries.clear()
