@@ -115,17 +115,14 @@ class ForwardCapture:
         if not self.calls:
             raise RuntimeError(
                 f"{OWNER}: the student ({where}, {type(student).__name__}) was not called during "
-                "training_step, "
-                "so there is nothing to distil into; call the model as a module (self.model(...) or "
-                "self(...), "
-                "not .forward), set `student=` to the attribute that is called, or call "
-                "KnowledgeDistillation.record(self, outputs, *inputs) in training_step"
+                "training_step, so there is nothing to distil into; call the model as a module "
+                "(self.model(...) or self(...), not .forward), set `student=` to the attribute that is "
+                "called, or call KnowledgeDistillation.record(self, outputs, *inputs) in training_step"
             )
         if len(self.calls) > 1:
             raise RuntimeError(
                 f"{OWNER}: the student ({where}) was called {len(self.calls)} times in one training_step; "
-                "say "
-                "which call to distil with KnowledgeDistillation.record(self, outputs, *inputs) in "
+                "say which call to distil with KnowledgeDistillation.record(self, outputs, *inputs) in "
                 "training_step"
             )
         return self.calls[0]
@@ -185,8 +182,7 @@ def logits_of(output: Any, side: str, logits_fn: Callable[[Any], torch.Tensor] |
     if not isinstance(logits, torch.Tensor):
         raise TypeError(
             f"{OWNER}: cannot find logits in the {side}'s output ({type(output).__name__}); pass "
-            "`logits_fn=` "
-            "(output -> logits tensor)"
+            "`logits_fn=` (output -> logits tensor)"
         )
     return plain(logits)
 
@@ -200,8 +196,7 @@ def indexed_output(output: Any, field: str, key: int, side: str, argument: str) 
         raise RuntimeError(
             f"{OWNER}: the {side}'s output has no `{field}` (needed by `{argument}`); a transformers model "
             f"returns them when called with output_{field}=True (set automatically unless the model ignores "
-            "it "
-            "or is called with return_dict=False)"
+            "it or is called with return_dict=False)"
         )
     if not -len(values) <= key < len(values):
         raise IndexError(

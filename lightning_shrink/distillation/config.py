@@ -112,15 +112,13 @@ class DistillationConfig:
         if self.uses_hidden and not self.layer_map:
             raise ValueError(
                 f"{OWNER}: `hidden_mse_weight`/`hidden_cosine_weight` need `layer_map`, e.g. {{2: 4}} to "
-                "match "
-                "the student's hidden state 2 with the teacher's 4"
+                "match the student's hidden state 2 with the teacher's 4"
             )
         if self.layer_map:
             if not self.uses_hidden:
                 raise ValueError(
                     f"{OWNER}: `layer_map` is given but `hidden_mse_weight` and `hidden_cosine_weight` are "
-                    "0, "
-                    "so it would not be used; set one of them"
+                    "0, so it would not be used; set one of them"
                 )
             set_(self, "layer_map", _layer_pairs("layer_map", _as_mapping(self.layer_map), False))
         if self.attention_weight and not self.attention_layer_map:

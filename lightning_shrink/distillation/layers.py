@@ -67,8 +67,8 @@ def layer_width(model: nn.Module, key: LayerKey, side: str) -> int:
     if shape:
         return int(shape[-1])
     raise ValueError(
-        f"{OWNER}: cannot tell the output width of the {side}'s layer {key!r} ({type(module).__name__}); "
-        "map layers with a known width (Linear, LayerNorm, Embedding)"
+        f"{OWNER}: cannot tell the output width of the {side}'s layer {key!r} ({type(module).__name__}); map "
+        "layers with a known width (Linear, LayerNorm, Embedding)"
     )
 
 

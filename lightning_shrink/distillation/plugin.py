@@ -134,8 +134,8 @@ class DistillationPlugin(TechniquePlugin):
                 raise ValueError(
                     f"{OWNER}: plugins {first!r} and {second!r} share one teacher module but ask for "
                     f"different `teacher_dtype` ({a} and {b}); the teacher is converted in place, so one of "
-                    "them would run in the other's dtype: give each its own copy (copy.deepcopy) or the same "
-                    "`teacher_dtype`"
+                    "them would run in the other's dtype: give each its own copy (copy.deepcopy) or the "
+                    "same `teacher_dtype`"
                 )
 
     def _build_projections(self) -> None:
@@ -152,8 +152,7 @@ class DistillationPlugin(TechniquePlugin):
             if cfg.projection_lr is not None or cfg.projection_weight_decay is not None:
                 rank_zero_warn(
                     f"{OWNER} ({self.name}): `projection_lr`/`projection_weight_decay` are set, but every "
-                    "layer "
-                    "of `layer_map` has the teacher's width, so there are no projections to train"
+                    "layer of `layer_map` has the teacher's width, so there are no projections to train"
                 )
             return
         # A second fit with the same models continues with the projections already learned.
@@ -248,8 +247,7 @@ class DistillationPlugin(TechniquePlugin):
         if entry is None:
             rank_zero_info(
                 f"{OWNER} ({self.name}): the checkpoint holds no state of this plugin (it was written by a "
-                "run "
-                "without it); distillation starts with the resumed run"
+                "run without it); distillation starts with the resumed run"
             )
             saved_projections = None
         else:
@@ -257,18 +255,16 @@ class DistillationPlugin(TechniquePlugin):
             if saved_run is None:
                 rank_zero_warn(
                     f"{OWNER} ({self.name}): the checkpoint was written by an older version that did not "
-                    "record "
-                    "the distillation configuration; resuming without checking it"
+                    "record the distillation configuration; resuming without checking it"
                 )
             else:
                 changes = run_changes(saved_run, self._run(int(entry.get("step", 0))))
                 if changes:
                     raise ValueError(
                         f"{OWNER} ({self.name}): cannot resume from this checkpoint, its distillation "
-                        "differs "
-                        f"from this run's: {'; '.join(changes)}. Resume with the checkpoint's "
-                        "configuration, or "
-                        "start a new fit from its weights (load its state_dict, without `ckpt_path`)"
+                        f"differs from this run's: {'; '.join(changes)}. Resume with the checkpoint's "
+                        "configuration, or start a new fit from its weights (load its state_dict, without "
+                        "`ckpt_path`)"
                     )
             saved_projections = entry.get("projections")
         if saved_projections and self.projections is None:
@@ -279,9 +275,8 @@ class DistillationPlugin(TechniquePlugin):
         if self.projections is not None:
             if not saved_projections:
                 raise ValueError(
-                    f"{OWNER} ({self.name}): this run learns projections for {sorted(self.projections)}, "
-                    "but the "
-                    "checkpoint holds none (its optimizer state could not match them)"
+                    f"{OWNER} ({self.name}): this run learns projections for {sorted(self.projections)}, but "
+                    "the checkpoint holds none (its optimizer state could not match them)"
                 )
             self.projections.load(saved_projections, self.name)
 

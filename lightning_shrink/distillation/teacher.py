@@ -54,8 +54,8 @@ def find_inner_model(
         except AttributeError:
             children = [name for name, _ in module.named_children()]
             raise AttributeError(
-                f"KnowledgeDistillation: `{argument}={path!r}` names no submodule of "
-                f"{type(module).__name__} (its children: {children})"
+                f"KnowledgeDistillation: `{argument}={path!r}` names no submodule of {type(module).__name__} "
+                f"(its children: {children})"
             ) from None
     for name, sub in module.named_modules():
         if name and is_transformers_model(sub):
@@ -134,8 +134,8 @@ def check_not_training(teacher: nn.Module, pl_module: pl.LightningModule, studen
     """
     if teacher is pl_module or teacher is student:
         raise ValueError(
-            f"KnowledgeDistillation: the teacher is the student itself ({type(teacher).__name__}); "
-            "give a separate, already trained model as `teacher`"
+            f"KnowledgeDistillation: the teacher is the student itself ({type(teacher).__name__}); give a "
+            "separate, already trained model as `teacher`"
         )
     ids: set[int] = set()
     storages: set[int] = set()
@@ -150,8 +150,8 @@ def check_not_training(teacher: nn.Module, pl_module: pl.LightningModule, studen
         if shared:
             raise ValueError(
                 f"KnowledgeDistillation: the teacher ({type(teacher).__name__}) shares its parameter "
-                f"{name!r} with the student ({type(pl_module).__name__}), so the student's optimizer "
-                "would train the teacher; give the teacher as a separate copy (e.g. copy.deepcopy)"
+                f"{name!r} with the student ({type(pl_module).__name__}), so the student's optimizer would "
+                "train the teacher; give the teacher as a separate copy (e.g. copy.deepcopy)"
             )
     trainer = None
     if isinstance(teacher, pl.LightningModule):
@@ -278,10 +278,9 @@ class VocabularyGuard:
                 raise ValueError(
                     f"KnowledgeDistillation: the teacher's vocabulary ({type(teacher).__name__}, "
                     f"{self._teacher_rows} token ids) is smaller than the student's "
-                    f"({type(student).__name__}, "
-                    f"{self._student_rows} token ids): student token ids {self._teacher_rows}.."
-                    f"{self._student_rows - 1} would index past the teacher's embedding; distil from a "
-                    "teacher that shares the student's tokenizer"
+                    f"({type(student).__name__}, {self._student_rows} token ids): student token ids "
+                    f"{self._teacher_rows}..{self._student_rows - 1} would index past the teacher's "
+                    "embedding; distil from a teacher that shares the student's tokenizer"
                 )
             self._per_batch = False
             return
@@ -309,9 +308,8 @@ class VocabularyGuard:
             if largest >= self._teacher_rows:
                 raise ValueError(
                     f"KnowledgeDistillation: the batch holds token id {largest}, but the teacher's "
-                    "vocabulary "
-                    f"has {self._teacher_rows} token ids (0..{self._teacher_rows - 1}); the student and the "
-                    "teacher must share a tokenizer (checked before the teacher runs)"
+                    f"vocabulary has {self._teacher_rows} token ids (0..{self._teacher_rows - 1}); the "
+                    "student and the teacher must share a tokenizer (checked before the teacher runs)"
                 )
 
     def _embedding_hook(self, name: str) -> Any:
@@ -322,11 +320,9 @@ class VocabularyGuard:
                 if largest >= module.num_embeddings:
                     raise ValueError(
                         f"KnowledgeDistillation: the teacher's embedding {name!r} has "
-                        f"{module.num_embeddings} "
-                        f"rows (ids 0..{module.num_embeddings - 1}), but the inputs given to the teacher "
-                        "hold "
-                        f"id {largest}; the student and the teacher must share a vocabulary (checked before "
-                        "the lookup)"
+                        f"{module.num_embeddings} rows (ids 0..{module.num_embeddings - 1}), but the inputs "
+                        f"given to the teacher hold id {largest}; the student and the teacher must share a "
+                        "vocabulary (checked before the lookup)"
                     )
 
         return hook
