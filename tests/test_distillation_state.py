@@ -115,6 +115,16 @@ def test_resume_with_another_teacher_is_refused(checkpoint):
     path, _ = checkpoint
     with pytest.raises(ValueError, match=r"the teacher's weights \(6 of 6 parameter tensors differ\)"):
         resume(path, KnowledgeDistillation(TinyClassifier(hidden=48), **BASE))
+
+    class OtherTeacher(TinyClassifier):
+        pass
+
+    same_weights = OtherTeacher(hidden=48)
+    same_weights.load_state_dict(checkpoint[1].state_dict())
+    with pytest.raises(
+        ValueError, match=r"the teacher's class '[\w.]+\.TinyClassifier' -> '[\w.<>]+OtherTeacher'"
+    ):
+        resume(path, KnowledgeDistillation(same_weights, **BASE))
     other = TinyClassifier(hidden=64)
     counts = [sum(p.numel() for p in t.parameters()) for t in (checkpoint[1], other)]
     with pytest.raises(ValueError, match=rf"the teacher's parameter count {counts[0]} -> {counts[1]}"):
@@ -169,11 +179,6 @@ def test_report_rows_name_the_terms_their_last_values_and_the_teacher():
 class BuiltInConfigureModel(TinyTransformerClassifier):
     """The transformers model is created in configure_model, as Lightning recommends for large models."""
 
-    def __init__(self) -> None:
-        pl.LightningModule.__init__(self)
-        self.model = None
-        self.lr = 1e-3
-
     def configure_model(self) -> None:
         if self.model is None:
             self.model = tiny_bert(hidden_size=32, **NO_DROPOUT)
@@ -181,7 +186,7 @@ class BuiltInConfigureModel(TinyTransformerClassifier):
 
 def test_a_student_built_in_configure_model_is_distilled():
     pl.seed_everything(0)
-    student = BuiltInConfigureModel()
+    student = BuiltInConfigureModel(model=lambda: None)
     kd = KnowledgeDistillation(
         tiny_bert(hidden_size=48, **NO_DROPOUT), hidden_mse_weight=1.0, layer_map={2: 2}
     )

@@ -250,6 +250,13 @@ def _input_embedding_rows(model: nn.Module) -> int | None:
     return int(rows) if isinstance(rows, int) else None
 
 
+def _largest_id(ids: Any) -> int | None:
+    """The largest value of an integer tensor of ids, or ``None`` for anything else."""
+    if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point() and not ids.is_complex():
+        return int(ids.max())
+    return None
+
+
 class VocabularyGuard:
     """Makes a teacher that cannot read the student's token ids fail clearly, naming both sizes.
 
@@ -300,30 +307,25 @@ class VocabularyGuard:
         """Before a transformers teacher runs: its ``input_ids`` must index its input embedding."""
         if not self._per_batch or self._teacher_rows is None:
             return
-        ids = kwargs.get("input_ids")
-        if ids is None and args and isinstance(args[0], torch.Tensor):
-            ids = args[0]
-        if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point():
-            largest = int(ids.max())
-            if largest >= self._teacher_rows:
-                raise ValueError(
-                    f"KnowledgeDistillation: the batch holds token id {largest}, but the teacher's "
-                    f"vocabulary has {self._teacher_rows} token ids (0..{self._teacher_rows - 1}); the "
-                    "student and the teacher must share a tokenizer (checked before the teacher runs)"
-                )
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        largest = _largest_id(ids)
+        if largest is not None and largest >= self._teacher_rows:
+            raise ValueError(
+                f"KnowledgeDistillation: the batch holds token id {largest}, but the teacher's vocabulary "
+                f"has {self._teacher_rows} token ids (0..{self._teacher_rows - 1}); the student and the "
+                "teacher must share a tokenizer (checked before the teacher runs)"
+            )
 
     def _embedding_hook(self, name: str) -> Any:
         def hook(module: nn.Embedding, args: tuple[Any, ...]) -> None:
-            ids = args[0] if args else None
-            if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point():
-                largest = int(ids.max())
-                if largest >= module.num_embeddings:
-                    raise ValueError(
-                        f"KnowledgeDistillation: the teacher's embedding {name!r} has "
-                        f"{module.num_embeddings} rows (ids 0..{module.num_embeddings - 1}), but the inputs "
-                        f"given to the teacher hold id {largest}; the student and the teacher must share a "
-                        "vocabulary (checked before the lookup)"
-                    )
+            largest = _largest_id(args[0] if args else None)
+            if largest is not None and largest >= module.num_embeddings:
+                raise ValueError(
+                    f"KnowledgeDistillation: the teacher's embedding {name!r} has {module.num_embeddings} "
+                    f"rows (ids 0..{module.num_embeddings - 1}), but the inputs given to the teacher hold id "
+                    f"{largest}; the student and the teacher must share a vocabulary (checked before the "
+                    "lookup)"
+                )
 
         return hook
 
