@@ -1,6 +1,10 @@
-"""KnowledgeDistillation in real CPU fits: loss terms against hand-computed references, where the
-gradients go, checkpoints and optimizer, layer mapping across widths, the logit cache under
-shuffling, transformers students (BERT, GPT-2), teachers from paths, and the errors."""
+"""KnowledgeDistillation in real CPU fits: loss terms against hand-computed references, the logit
+cache under shuffling, transformers students (BERT, GPT-2), teachers from paths, the record hook,
+and the errors at set-up and at the first batch (layer maps, vocabularies, a teacher still training).
+
+The learned projections are tested in test_distillation_projections.py, checkpoints, resumes, report
+rows and several instances in test_distillation_state.py, the configuration in
+test_distillation_config.py."""
 
 from __future__ import annotations
 
@@ -12,11 +16,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_shrink import KnowledgeDistillation
-from lightning_shrink.distillation import PROJECTIONS_ATTRIBUTE
 from lightning_shrink.testing.models import (
     TinyClassifier,
     TinyTransformerClassifier,
@@ -80,128 +82,6 @@ def test_kl_term_matches_hand_computed_reference_and_alpha_schedule_weights_the_
         assert m["distillation/kl"] > 0
     # the teacher is frozen, in eval mode, untouched by training
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
-
-
-def test_hidden_mse_across_widths_matches_reference_and_gradients_reach_student_and_projections_only():
-    pl.seed_everything(0)
-    student = TinyTransformerClassifier(tiny_bert(hidden_size=32, **NO_DROPOUT))
-    teacher = tiny_bert(hidden_size=48, **NO_DROPOUT)
-    teacher_before = copy.deepcopy(teacher.state_dict())
-    kd = KnowledgeDistillation(
-        teacher, alpha=1.0, kl_weight=0.0, hidden_mse_weight=1.0, layer_map={0: 0, 2: 2}
-    )
-
-    class Probe(pl.Callback):
-        reference: float | None = None
-        grads: dict[str, Any] = {}
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx:
-                return
-            proj = pl_module.distill_projections
-            assert set(proj) == {"layer_0", "layer_2"}
-            assert proj["layer_0"].weight.shape == (48, 32)
-            with torch.no_grad():
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                s = pl_module.model(**inputs, output_hidden_states=True).hidden_states
-                t = teacher(**inputs, output_hidden_states=True).hidden_states
-                terms = [((proj[f"layer_{i}"](s[i]) - t[i]) ** 2).mean().item() for i in (0, 2)]
-            self.reference = sum(terms) / 2
-
-        def on_after_backward(self, trainer, pl_module):
-            if self.grads:
-                return
-            self.grads = {
-                "student": [p.grad for p in pl_module.model.parameters()],
-                "projections": [p.grad for p in pl_module.distill_projections.parameters()],
-                "teacher": [p.grad for p in teacher.parameters()],
-            }
-            optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
-            self.grads["proj_in_optimizer"] = all(
-                id(p) in optimized for p in pl_module.distill_projections.parameters()
-            )
-            self.grads["teacher_in_optimizer"] = any(id(p) in optimized for p in teacher.parameters())
-
-    probe, rec = Probe(), Recorder()
-    cpu_trainer(max_steps=3, callbacks=[kd, probe, rec]).fit(student, token_dataloader(n=32))
-
-    assert rec.metrics[0]["distillation/hidden_mse"] == pytest.approx(probe.reference, rel=1e-5)
-    assert rec.losses[0] == pytest.approx(rec.metrics[0]["distillation/hidden_mse"], rel=1e-6)  # alpha = 1
-    g = probe.grads
-    encoder_grads = [x for x in g["student"] if x is not None]
-    assert encoder_grads and sum(float(x.abs().sum()) for x in encoder_grads) > 0
-    assert all(x is not None and x.abs().sum() > 0 for x in g["projections"])
-    assert all(x is None for x in g["teacher"])
-    assert g["proj_in_optimizer"] and not g["teacher_in_optimizer"]
-    for k, v in teacher.state_dict().items():
-        torch.testing.assert_close(v, teacher_before[k], rtol=0, atol=0)
-    # finalized: a plain model again (no projections, no hooks), the projections kept on the plugin
-    assert not hasattr(student, PROJECTIONS_ATTRIBUTE)
-    assert not student.model._forward_hooks and not student.model._forward_pre_hooks
-    assert kd.plugin.projections is not None
-
-
-def test_teacher_absent_from_checkpoint_and_optimizer_projections_resume(tmp_path):
-    pl.seed_everything(0)
-
-    def make_student():
-        return TinyTransformerClassifier(tiny_bert(hidden_size=32, **NO_DROPOUT))
-
-    # A LightningModule teacher: distillation calls its inner transformers model.
-    teacher = TinyTransformerClassifier(tiny_bert(hidden_size=48, **NO_DROPOUT))
-    config = dict(alpha=0.5, hidden_mse_weight=1.0, layer_map={2: 2})
-    student = make_student()
-    plain_keys = set(make_student().state_dict())
-    n_student_params = len(list(student.parameters()))
-    kd = KnowledgeDistillation(teacher, **config)
-    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    trainer = cpu_trainer(max_steps=2, callbacks=[kd, ckpt_cb], enable_checkpointing=True)
-    trainer.fit(student, token_dataloader(n=32))
-    assert kd.plugin.teacher_target is teacher.model
-
-    ckpt_path = tmp_path / "step=2.ckpt"  # written during fit, with the projections registered
-    ckpt = torch.load(ckpt_path, weights_only=False)
-    assert set(ckpt["state_dict"]) == plain_keys  # neither teacher nor projections
-    params = ckpt["optimizer_states"][0]["param_groups"][0]["params"]
-    assert len(params) == n_student_params + 2  # the student's and one projection's weight and bias
-    saved = ckpt["lightning_shrink"]["distillation"]["projections"]
-    assert set(saved) == {"layer_2.weight", "layer_2.bias"}
-    trained = {k: v.detach().clone() for k, v in kd.plugin.projections.state_dict(keep_vars=True).items()}
-    assert trained == {}  # the projections' own state_dict is empty by design...
-    for k, v in saved.items():  # ...their weights travel in the plugin state
-        torch.testing.assert_close(v, dict(kd.plugin.projections.named_parameters())[k].detach())
-
-    # Resume into a fresh student and a fresh callback: projections are re-created in setup and
-    # restored before the weights load; the student's weights load strictly.
-    class AtStart(pl.Callback):
-        seen: dict[str, torch.Tensor] = {}
-
-        def on_train_start(self, trainer, pl_module):
-            self.seen = {k: v.detach().clone() for k, v in pl_module.distill_projections.named_parameters()}
-            self.student = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-
-    at_start = AtStart()
-    student2 = make_student()
-    kd2 = KnowledgeDistillation(teacher, **config)
-    cpu_trainer(max_steps=3, callbacks=[kd2, at_start]).fit(
-        student2, token_dataloader(n=32), ckpt_path=ckpt_path
-    )
-    for k, v in saved.items():
-        torch.testing.assert_close(at_start.seen[k], v)
-    for k, v in ckpt["state_dict"].items():
-        torch.testing.assert_close(at_start.student[k], v)
-    assert not hasattr(student2, PROJECTIONS_ATTRIBUTE)
-
-    # The student's checkpoint is a plain one: a Trainer without distillation tests from it, and
-    # a bare module loads it strictly.
-    cpu_trainer().test(make_student(), token_dataloader(n=16), ckpt_path=ckpt_path)
-    make_student().load_state_dict(ckpt["state_dict"], strict=True)
-
-    # A second fit with the same callback continues with the learned projections.
-    before = {k: v.detach().clone() for k, v in kd.plugin.projections.named_parameters()}
-    cpu_trainer(max_steps=1, callbacks=[kd]).fit(student, token_dataloader(n=8))
-    after = dict(kd.plugin.projections.named_parameters())
-    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,31 +221,6 @@ def test_record_hook_for_a_student_called_twice():
     cpu_trainer(max_steps=1).fit(student, loader)
 
 
-def test_two_teachers_each_with_projections():
-    pl.seed_everything(0)
-    student = TinyTransformerClassifier(tiny_bert(hidden_size=32))
-    kd1 = KnowledgeDistillation(tiny_bert(hidden_size=48), alpha=0.3, hidden_mse_weight=1.0, layer_map={2: 2})
-    kd2 = KnowledgeDistillation(
-        tiny_bert(hidden_size=64), alpha=0.3, hidden_cosine_weight=1.0, layer_map={1: 2}
-    )
-
-    class Attributes(pl.Callback):
-        def on_train_start(self, trainer, pl_module):
-            self.seen = {n: type(m).__name__ for n, m in pl_module.named_children()}
-
-    attrs, rec = Attributes(), Recorder()
-    cpu_trainer(max_steps=2, callbacks=[kd1, kd2, attrs, rec]).fit(student, token_dataloader(n=16))
-    assert attrs.seen.get("distill_projections") == attrs.seen.get("distill_projections_2") == "ModuleDict"
-    assert kd2.plugin.projections["layer_1"].weight.shape == (64, 32)
-    m = rec.metrics[0]
-    assert m["distillation/hidden_mse"] > 0 and m["distillation-2/hidden_cosine"] > 0
-    assert m["distillation/kl"] > 0 and m["distillation-2/kl"] > 0
-    # the task loss is weighted by the product (1 - 0.3) * (1 - 0.3)
-    terms = sum(v for k, v in m.items() if k.startswith("distillation"))
-    assert rec.losses[0] == pytest.approx(0.49 * m["shrink/task_loss"] + terms, rel=1e-5)
-    assert not hasattr(student, "distill_projections") and not hasattr(student, "distill_projections_2")
-
-
 def test_alpha_zero_skips_the_teacher_and_returns_zero_terms():
     teacher = TinyClassifier(hidden=48)
     calls = []
@@ -383,28 +238,6 @@ def test_alpha_zero_skips_the_teacher_and_returns_zero_terms():
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        (dict(temperature=0.0), ValueError, "`temperature`"),
-        (dict(alpha=1.5), ValueError, "`alpha` must be in"),
-        (dict(alpha=lambda step: -1.0), ValueError, r"alpha\(0\)"),
-        (dict(kl_weight=0.0), ValueError, "would do nothing"),
-        (dict(hidden_mse_weight=1.0), ValueError, "need `layer_map`"),
-        (dict(hidden_mse_weight=1.0, layer_map={1: "x"}), ValueError, "`layer_map` entry 1"),
-        (dict(attention_weight=1.0), ValueError, "`attention_layer_map`"),
-        (dict(hidden_mse_weight=1.0, layer_map={1: 1}, cache_key="idx"), ValueError, "`cache_key`"),
-        (dict(teacher_dtype=torch.int8), ValueError, "`teacher_dtype`"),
-        (dict(teacher="/nonexistent/teacher.ckpt"), FileNotFoundError, "`teacher="),
-        (dict(teacher=42), TypeError, "`teacher` must be"),
-    ],
-)
-def test_bad_arguments_fail_at_construction(kwargs, error, match):
-    kwargs = {"teacher": TinyClassifier(), **kwargs}
-    with pytest.raises(error, match=match):
-        KnowledgeDistillation(**kwargs)
 
 
 def _fit(student, kd, loader=None, steps=1):
@@ -429,6 +262,86 @@ def test_layer_map_out_of_range_names_the_side_at_setup():
     kd = KnowledgeDistillation(TinyClassifier(), hidden_mse_weight=1.0, layer_map={1: 1})
     with pytest.raises(ValueError, match=r"integer layer indices.*student is a TinyClassifier"):
         _fit(TinyClassifier(), kd)
+
+
+class BagOfTokens(pl.LightningModule):
+    """A student that is not a transformers model: an embedding bag classifier called as self(ids)."""
+
+    def __init__(self, vocab_size: int = 64) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(vocab_size, 16)
+        self.classifier = torch.nn.Linear(16, 2)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.classifier(self.embedding(input_ids).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["input_ids"]), batch["labels"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Started(pl.Callback):
+    batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches += 1
+
+
+def test_a_teacher_with_a_smaller_vocabulary_is_refused_at_setup_naming_both_sizes():
+    started = Started()
+    kd = KnowledgeDistillation(tiny_bert(vocab_size=32))
+    with pytest.raises(
+        ValueError,
+        match=r"teacher's vocabulary \(BertForSequenceClassification, 32 token ids\) is "
+        r"smaller than the student's \(BertForSequenceClassification, 64 token ids\)",
+    ):
+        cpu_trainer(max_steps=1, callbacks=[kd, started]).fit(
+            TinyTransformerClassifier(tiny_bert(vocab_size=64)), token_dataloader(n=8)
+        )
+    assert started.batches == 0  # at set-up, before any batch
+    # a teacher with a larger vocabulary reads every student token id
+    cpu_trainer(max_steps=1, callbacks=[KnowledgeDistillation(tiny_bert(vocab_size=80))]).fit(
+        TinyTransformerClassifier(tiny_bert(vocab_size=64)), token_dataloader(n=8)
+    )
+
+
+def test_token_ids_beyond_the_teachers_vocabulary_fail_before_the_teacher_runs():
+    # The student is no transformers model, so its vocabulary is unknown at set-up: the batch is
+    # checked against the teacher's input embedding before the teacher is called.
+    teacher = tiny_bert(vocab_size=32)
+    started = []
+    teacher.register_forward_pre_hook(lambda *a: started.append(1))
+    with pytest.raises(
+        ValueError, match=r"batch holds token id 63, but the teacher's vocabulary has 32 token ids"
+    ):
+        _fit(BagOfTokens(), KnowledgeDistillation(teacher), token_dataloader(n=8))
+    assert started == []
+
+
+def test_a_teacher_embedding_too_small_for_the_inputs_names_the_embedding_and_sizes():
+    # The teacher is no transformers model: each of its embeddings checks its indices before the lookup.
+    class EmbeddingTeacher(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens = torch.nn.Embedding(32, 8)
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            return self.head(self.tokens(input_ids).mean(1))
+
+    with pytest.raises(ValueError, match=r"teacher's embedding 'tokens' has 32 rows .* hold id 63"):
+        _fit(
+            TinyTransformerClassifier(tiny_bert()),
+            KnowledgeDistillation(EmbeddingTeacher()),
+            token_dataloader(n=8),
+        )
+    # the same teacher with a vocabulary that fits trains, and its embedding is left without hooks
+    teacher = EmbeddingTeacher()
+    teacher.tokens = torch.nn.Embedding(64, 8)
+    _fit(TinyTransformerClassifier(tiny_bert()), KnowledgeDistillation(teacher), token_dataloader(n=8))
+    assert not teacher.tokens._forward_pre_hooks
 
 
 def test_a_teacher_that_is_still_training_is_refused():
@@ -460,7 +373,7 @@ def test_a_teacher_that_is_still_training_is_refused():
     assert errors and "attached to a Trainer that is fitting it" in errors[0]
 
 
-def test_teacher_in_the_optimizer_or_projections_outside_it_are_errors():
+def test_a_teacher_in_the_optimizer_is_refused_at_fit_start():
     class TrainsTeacherToo(TinyClassifier):
         def __init__(self, teacher):
             super().__init__()
@@ -472,14 +385,6 @@ def test_teacher_in_the_optimizer_or_projections_outside_it_are_errors():
     teacher = TinyClassifier(hidden=48)
     with pytest.raises(ValueError, match=r"teacher's parameter 'net\.0\.weight' is in the optimizer"):
         _fit(TrainsTeacherToo(teacher), KnowledgeDistillation(teacher))
-
-    class OnlyModelParams(TinyTransformerClassifier):
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.model.parameters(), lr=1e-3)
-
-    kd = KnowledgeDistillation(tiny_bert(hidden_size=48), hidden_mse_weight=1.0, layer_map={1: 1})
-    with pytest.raises(ValueError, match=r"projections distill_projections\.layer_1.*not in the optimizer"):
-        _fit(OnlyModelParams(tiny_bert()), kd, token_dataloader(n=8))
 
 
 def test_student_not_called_as_a_module_is_an_error():

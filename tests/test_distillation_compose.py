@@ -1,5 +1,6 @@
 """KnowledgeDistillation together with GradualMagnitudePruning and QuantizationAwareTraining in one
-fit: every technique acts, none touches the others' parts (the teacher, the projections)."""
+fit: every technique acts, none touches the others' parts (the teacher, the projections, which are
+the distillation plugin's own tensors and not part of the LightningModule)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_shrink.distillation import PROJECTIONS_ATTRIBUTE, KnowledgeDistillation, Projection
+from lightning_shrink.distillation import KnowledgeDistillation, Projection
 from lightning_shrink.testing.models import (
     TinyTransformerClassifier,
     cpu_trainer,
@@ -21,15 +22,18 @@ QuantizationAwareTraining = pytest.importorskip("lightning_shrink.quantization")
 
 
 class Seen(pl.Callback):
-    def __init__(self) -> None:
+    def __init__(self, kd: KnowledgeDistillation) -> None:
+        self.kd = kd
         self.kl: list[float] = []
         self.mse: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.kl.append(float(trainer.callback_metrics["distillation/kl"]))
         self.mse.append(float(trainer.callback_metrics["distillation/hidden_mse"]))
-        self.projection_types = {type(m) for m in getattr(pl_module, PROJECTIONS_ATTRIBUTE).children()}
+        self.projection_types = {type(m) for m in self.kd.plugin.projections.children()}
         self.linear_types = {type(m).__name__ for m in pl_module.model.modules() if isinstance(m, nn.Linear)}
+        projections = {id(p) for p in self.kd.plugin.projections.parameters()}
+        self.projections_in_module = any(id(p) in projections for p in pl_module.parameters())
 
 
 @pytest.mark.parametrize("order", ["distillation first", "distillation last"])
@@ -42,15 +46,15 @@ def test_distillation_with_pruning_and_qat(order):
     pruning = GradualMagnitudePruning(0.5, start_step=0, end_step=2, frequency=1)
     qat = QuantizationAwareTraining()
     techniques = [kd, pruning, qat] if order == "distillation first" else [qat, pruning, kd]
-    seen = Seen()
+    seen = Seen(kd)
     cpu_trainer(max_steps=4, callbacks=[*techniques, seen]).fit(student, token_dataloader(n=32))
 
     # distillation ran every step, with a learned projection that neither pruning nor QAT touched
     assert len(seen.kl) == 4 and all(v > 0 for v in seen.kl) and all(v > 0 for v in seen.mse)
-    assert seen.projection_types == {Projection}
+    assert seen.projection_types == {Projection} and not seen.projections_in_module
     assert "FakeQuantLinear" in seen.linear_types  # QAT prepared the student's layers
     names = [t.name for t in pruning.plugin.targets]
-    assert names and not any(PROJECTIONS_ATTRIBUTE in n for n in names)
+    assert names
     assert all(n.startswith("model.") for n in names)
     projection = kd.plugin.projections["layer_2"]
     assert float((projection.weight == 0).float().mean()) == 0.0

@@ -28,7 +28,6 @@ NOT_YET_CHECKED = {
     "benchmarks.md",
     "cli.md",
     "demo.md",
-    "distillation.md",
     "hooks.md",
     "privacy.md",
     "pruning.md",

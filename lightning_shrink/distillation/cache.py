@@ -62,6 +62,12 @@ class TeacherLogitCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def hit_rate(self) -> float:
+        """The fraction of lookups (one per batch) that found every example cached."""
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0
+
     def clear(self) -> None:
         """Forget every entry."""
         self._entries.clear()
@@ -74,14 +80,14 @@ class TeacherLogitCache:
         else:
             if not isinstance(batch, Mapping):
                 raise TypeError(
-                    f"KnowledgeDistillation: `cache_key={self.key!r}` names a batch field, but the batch "
-                    f"is a {type(batch).__name__}, not a mapping; give a function batch -> keys instead"
+                    f"KnowledgeDistillation: `cache_key={self.key!r}` names a batch field, but the batch is "
+                    f"a {type(batch).__name__}, not a mapping; give a function batch -> keys instead"
                 )
             if self.key not in batch:
                 raise KeyError(
                     f"KnowledgeDistillation: `cache_key={self.key!r}` but the batch has no such field "
-                    f"(fields: {sorted(map(str, batch))}); add a per-example key (e.g. the dataset index) "
-                    "to every batch; the cache does not guess keys from batch positions"
+                    f"(fields: {sorted(map(str, batch))}); add a per-example key (e.g. the dataset index) to "
+                    "every batch; the cache does not guess keys from batch positions"
                 )
             keys = batch[self.key]
             where = f"batch[{self.key!r}]"

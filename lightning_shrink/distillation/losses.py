@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_loss", "hidden_cosine_loss", "hidden_mse_loss", "kl_divergence_loss"]
+__all__ = ["attention_loss", "check_shapes", "hidden_cosine_loss", "hidden_mse_loss", "kl_divergence_loss"]
 
 
-def _check_shapes(what: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
+def check_shapes(what: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming both shapes when the student's and the teacher's tensors differ."""
     if student.shape != teacher.shape:
         raise ValueError(
             f"KnowledgeDistillation: {what} of the student have shape {tuple(student.shape)} but those of "
@@ -49,7 +50,7 @@ def kl_divergence_loss(
         temperature: Softening temperature ``T > 0``.
         mask: Optional ``(...)`` mask over the positions (the logits' shape without the last dim).
     """
-    _check_shapes("logits", student_logits, teacher_logits)
+    check_shapes("logits", student_logits, teacher_logits)
     t = float(temperature)
     log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
@@ -62,7 +63,7 @@ def hidden_mse_loss(
 ) -> torch.Tensor:
     """Mean squared error between hidden states ``(..., width)``, averaged over the features and
     the (unmasked) positions. Project the student's states first when the widths differ."""
-    _check_shapes("hidden states (after projection)", student_hidden, teacher_hidden)
+    check_shapes("hidden states (after projection)", student_hidden, teacher_hidden)
     per_position = (student_hidden.float() - teacher_hidden.float()).pow(2).mean(-1)
     return _masked_mean(per_position, mask)
 
@@ -72,7 +73,7 @@ def hidden_cosine_loss(
 ) -> torch.Tensor:
     """``1 - cosine similarity`` of hidden states along the last dimension, averaged over the
     (unmasked) positions."""
-    _check_shapes("hidden states (after projection)", student_hidden, teacher_hidden)
+    check_shapes("hidden states (after projection)", student_hidden, teacher_hidden)
     cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1, eps=1e-8)
     return _masked_mean(1.0 - cos, mask)
 
@@ -91,5 +92,5 @@ def attention_loss(student_attention: torch.Tensor, teacher_attention: torch.Ten
     ):
         student_attention = student_attention.mean(1)
         teacher_attention = teacher_attention.mean(1)
-    _check_shapes("attention maps", student_attention, teacher_attention)
+    check_shapes("attention maps", student_attention, teacher_attention)
     return (student_attention.float() - teacher_attention.float()).pow(2).mean()

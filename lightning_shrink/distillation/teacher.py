@@ -1,5 +1,5 @@
-"""The teacher: loading it, finding the model inside a LightningModule, freezing it, and checking
-that it is not still being trained."""
+"""The teacher: loading it, finding the model inside a LightningModule, freezing it, checking that it
+is not still being trained and that it can read the student's token ids, placing it and running it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,19 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-__all__ = ["find_inner_model", "freeze", "is_transformers_model", "load_teacher", "validate_teacher_spec"]
+__all__ = [
+    "VocabularyGuard",
+    "cast_floats",
+    "check_not_training",
+    "find_inner_model",
+    "freeze",
+    "is_transformers_model",
+    "load_teacher",
+    "place_teacher",
+    "run_teacher",
+    "teacher_identity",
+    "validate_teacher_spec",
+]
 
 
 def is_transformers_model(module: Any) -> bool:
@@ -42,8 +54,8 @@ def find_inner_model(
         except AttributeError:
             children = [name for name, _ in module.named_children()]
             raise AttributeError(
-                f"KnowledgeDistillation: `{argument}={path!r}` names no submodule of "
-                f"{type(module).__name__} (its children: {children})"
+                f"KnowledgeDistillation: `{argument}={path!r}` names no submodule of {type(module).__name__} "
+                f"(its children: {children})"
             ) from None
     for name, sub in module.named_modules():
         if name and is_transformers_model(sub):
@@ -122,8 +134,8 @@ def check_not_training(teacher: nn.Module, pl_module: pl.LightningModule, studen
     """
     if teacher is pl_module or teacher is student:
         raise ValueError(
-            f"KnowledgeDistillation: the teacher is the student itself ({type(teacher).__name__}); "
-            "give a separate, already trained model as `teacher`"
+            f"KnowledgeDistillation: the teacher is the student itself ({type(teacher).__name__}); give a "
+            "separate, already trained model as `teacher`"
         )
     ids: set[int] = set()
     storages: set[int] = set()
@@ -138,10 +150,15 @@ def check_not_training(teacher: nn.Module, pl_module: pl.LightningModule, studen
         if shared:
             raise ValueError(
                 f"KnowledgeDistillation: the teacher ({type(teacher).__name__}) shares its parameter "
-                f"{name!r} with the student ({type(pl_module).__name__}), so the student's optimizer "
-                "would train the teacher; give the teacher as a separate copy (e.g. copy.deepcopy)"
+                f"{name!r} with the student ({type(pl_module).__name__}), so the student's optimizer would "
+                "train the teacher; give the teacher as a separate copy (e.g. copy.deepcopy)"
             )
-    trainer = getattr(teacher, "_trainer", None) if isinstance(teacher, pl.LightningModule) else None
+    trainer = None
+    if isinstance(teacher, pl.LightningModule):
+        try:
+            trainer = teacher.trainer
+        except RuntimeError:  # "... is not attached to a `Trainer`"
+            trainer = None
     if trainer is not None:
         from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
@@ -150,3 +167,169 @@ def check_not_training(teacher: nn.Module, pl_module: pl.LightningModule, studen
                 f"KnowledgeDistillation: the teacher ({type(teacher).__name__}) is attached to a Trainer "
                 "that is fitting it right now; distil from a trained teacher, not one in training"
             )
+
+
+def place_teacher(teacher: nn.Module, pl_module: pl.LightningModule) -> None:
+    """Put the teacher where it runs: the one place that decides the teacher's placement.
+
+    Today a full copy on the LightningModule's device in every process (under DDP each rank runs
+    its own copy on its own shard of the data; the teacher is never wrapped or sharded by the
+    strategy). Called at set-up and again at fit start, after the strategy placed the model.
+    """
+    device = pl_module.device
+    if any(p.device != device for p in teacher.parameters()) or any(
+        b.device != device for b in teacher.buffers()
+    ):
+        teacher.to(device=device)
+
+
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating tensor in it (nested in tuples, lists, dicts) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(cast_floats(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [cast_floats(v, dtype) for v in value]
+    return value
+
+
+def run_teacher(
+    target: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    output_request: dict[str, bool],
+    dtype: torch.dtype | None,
+) -> Any:
+    """Call the teacher on the student's inputs under ``torch.inference_mode``.
+
+    A transformers teacher gets no ``labels`` (its loss is not needed) and the outputs the loss
+    terms need (``output_hidden_states``, ``output_attentions``); with ``dtype``, floating inputs
+    are cast to the teacher's dtype.
+    """
+    kwargs = dict(kwargs)
+    if is_transformers_model(target):
+        kwargs.pop("labels", None)
+        kwargs.update(output_request)
+    if dtype is not None:
+        args = cast_floats(args, dtype)
+        kwargs = cast_floats(kwargs, dtype)
+    if target.training:
+        target.eval()
+    with torch.inference_mode():
+        return target(*args, **kwargs)
+
+
+def teacher_identity(teacher: nn.Module) -> dict[str, Any]:
+    """Plain data that tells teachers apart: class, parameter count, dtypes and a fingerprint of the
+    weights (the float64 sum of every parameter tensor, computed without copies)."""
+    params = list(teacher.parameters())
+    with torch.no_grad():
+        sums = [torch.sum(p.detach(), dtype=torch.float64).cpu() for p in params]
+    return {
+        "class": f"{type(teacher).__module__}.{type(teacher).__qualname__}",
+        "parameters": sum(p.numel() for p in params),
+        "dtype": ", ".join(sorted({str(p.dtype) for p in params})),
+        "fingerprint": torch.stack(sums).tolist() if sums else [],
+    }
+
+
+def _input_embedding_rows(model: nn.Module) -> int | None:
+    """Rows of a transformers model's input (token) embedding, or ``None`` when not known."""
+    if not is_transformers_model(model):
+        return None
+    try:
+        embedding = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        embedding = None
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None:
+        rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(rows) if isinstance(rows, int) else None
+
+
+def _largest_id(ids: Any) -> int | None:
+    """The largest value of an integer tensor of ids, or ``None`` for anything else."""
+    if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point() and not ids.is_complex():
+        return int(ids.max())
+    return None
+
+
+class VocabularyGuard:
+    """Makes a teacher that cannot read the student's token ids fail clearly, naming both sizes.
+
+    :meth:`attach` compares the student's and the teacher's vocabularies at set-up when both are
+    transformers models (sizes from their input embeddings) and raises there. When a size is not
+    known from the models, every batch is checked instead, before the teacher runs: the
+    ``input_ids`` given to a transformers teacher against its input embedding, and for any other
+    teacher the indices reaching each of its ``nn.Embedding`` layers (checked by forward pre-hooks,
+    before the lookup). Those checks read the largest id of the batch (one device synchronization
+    per batch, only when the set-up could not decide).
+    """
+
+    def __init__(self) -> None:
+        self._teacher_rows: int | None = None
+        self._student_rows: int | None = None
+        self._per_batch = False
+        self._handles: list[Any] = []
+
+    def attach(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Check the vocabularies now if both sizes are known, else arm the per-batch checks."""
+        self.detach()
+        self._student_rows = _input_embedding_rows(student)
+        self._teacher_rows = _input_embedding_rows(teacher)
+        if self._student_rows is not None and self._teacher_rows is not None:
+            if self._teacher_rows < self._student_rows:
+                raise ValueError(
+                    f"KnowledgeDistillation: the teacher's vocabulary ({type(teacher).__name__}, "
+                    f"{self._teacher_rows} token ids) is smaller than the student's "
+                    f"({type(student).__name__}, {self._student_rows} token ids): student token ids "
+                    f"{self._teacher_rows}..{self._student_rows - 1} would index past the teacher's "
+                    "embedding; distil from a teacher that shares the student's tokenizer"
+                )
+            self._per_batch = False
+            return
+        self._per_batch = True
+        if self._teacher_rows is None:
+            for name, module in teacher.named_modules():
+                if isinstance(module, nn.Embedding):
+                    self._handles.append(module.register_forward_pre_hook(self._embedding_hook(name or "")))
+
+    def detach(self) -> None:
+        """Remove the embedding hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def check_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Before a transformers teacher runs: its ``input_ids`` must index its input embedding."""
+        if not self._per_batch or self._teacher_rows is None:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        largest = _largest_id(ids)
+        if largest is not None and largest >= self._teacher_rows:
+            raise ValueError(
+                f"KnowledgeDistillation: the batch holds token id {largest}, but the teacher's vocabulary "
+                f"has {self._teacher_rows} token ids (0..{self._teacher_rows - 1}); the student and the "
+                "teacher must share a tokenizer (checked before the teacher runs)"
+            )
+
+    def _embedding_hook(self, name: str) -> Any:
+        def hook(module: nn.Embedding, args: tuple[Any, ...]) -> None:
+            largest = _largest_id(args[0] if args else None)
+            if largest is not None and largest >= module.num_embeddings:
+                raise ValueError(
+                    f"KnowledgeDistillation: the teacher's embedding {name!r} has {module.num_embeddings} "
+                    f"rows (ids 0..{module.num_embeddings - 1}), but the inputs given to the teacher hold id "
+                    f"{largest}; the student and the teacher must share a vocabulary (checked before the "
+                    "lookup)"
+                )
+
+        return hook
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = []
+        return state
