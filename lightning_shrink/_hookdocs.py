@@ -79,9 +79,9 @@ def _order() -> str:
 
 def _builtin_plugins() -> list[tuple[str, list[Any]]]:
     """Each built-in technique with the plugin classes and modules whose hooks it uses."""
-    from lightning_shrink.distillation.callback import DistillationPlugin
+    from lightning_shrink.distillation.plugin import DistillationPlugin
     from lightning_shrink.pruning import export as pruning_export
-    from lightning_shrink.pruning.callback import PruningPlugin
+    from lightning_shrink.pruning.plugin import PruningPlugin
     from lightning_shrink.quantization import hooks as int8
     from lightning_shrink.quantization.callback import _QATPlugin
 
