@@ -31,7 +31,6 @@ NOT_YET_CHECKED = {
     "distillation.md",
     "hooks.md",
     "privacy.md",
-    "pruning.md",
     "quantization.md",
     "testing.md",
     "writing-plugins.md",
