@@ -21,8 +21,9 @@ from lightning_shrink.pruning.distributed import (
     sharded_comm,
 )
 from lightning_shrink.pruning.masks import check_divides, compute_masks
+from lightning_shrink.pruning.report import report_rows, shortfall, shortfall_warning
 from lightning_shrink.pruning.schedule import PruningSchedule
-from lightning_shrink.pruning.selection import PruneTarget, select_targets
+from lightning_shrink.pruning.selection import PruneTarget, group_indices, select_targets
 from lightning_shrink.pruning.state import STATE_VERSION, check_resume, is_pruning_state, resume_record
 from lightning_shrink.types import ReportRow
 
@@ -255,19 +256,12 @@ class PruningPlugin(TechniquePlugin):
             with torch.no_grad():
                 torch._foreach_mul_(params, self._active_masks)
 
-    def _groups(self) -> dict[str, list[int]]:
-        """Indices of the targets of each threshold group."""
-        groups: dict[str, list[int]] = {}
-        for i, t in enumerate(self.targets):
-            groups.setdefault(t.group, []).append(i)
-        return groups
-
     def _update(self, trainer: pl.Trainer, step: int) -> None:
         """Recompute the masks for ``step``."""
         assert self.schedule is not None
         new = list(self.keeps)
         with torch.no_grad():
-            for indices in self._groups().values():
+            for indices in group_indices(self.targets).values():
                 final = self.targets[indices[0]].final_sparsity
                 masks = compute_masks(
                     [local_tensor(self.params[i]) for i in indices],
@@ -341,27 +335,6 @@ class PruningPlugin(TechniquePlugin):
                                 # At fit end Lightning has moved the optimizer state to the CPU.
                                 local.masked_fill_(pruned.to(local.device), 0)
 
-    def shortfall(self) -> list[str]:
-        """The threshold groups whose masks fall short of their final sparsity, described (empty when
-        every group reached it, as exactly as its pattern allows)."""
-        short = []
-        for group, indices in self._groups().items():
-            final = self.targets[indices[0]].final_sparsity
-            total = sum(self.params[i].numel() for i in indices)
-            need = round(final * total)
-            unit = 1
-            if self.config.pattern.kind == "rows":
-                # whole rows: the largest number of rows that fits is at most one row short
-                unit = max(p.numel() // p.shape[1 if t.transposed else 0] for t, p in self._pairs(indices))
-            pruned = sum(self._pruned[i] for i in indices)
-            if pruned <= need - unit:
-                what = f"{len(indices)} layers under the global threshold" if group == "__global__" else group
-                short.append(f"{what} at {pruned / total:.4f} (target {final:g})")
-        return short
-
-    def _pairs(self, indices: list[int]) -> list[tuple[PruneTarget, torch.nn.Parameter]]:
-        return [(self.targets[i], self.params[i]) for i in indices]
-
     # ------------------------------------------------------------------ visibility
 
     @hookimpl
@@ -391,30 +364,8 @@ class PruningPlugin(TechniquePlugin):
         was reached."""
         if not self.targets or not self.params:
             return None
-        by_id = {id(p): t for t, p in zip(self.targets, self.params, strict=True)}
-        rows: list[ReportRow] = []
-        zeros = total = 0
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                t = by_id.get(id(p))
-                if t is None:
-                    continue
-                w = local_tensor(p)
-                z = w.numel() - int(torch.count_nonzero(w))
-                zeros += z
-                total += w.numel()
-                rows.append(ReportRow(self.name, "sparsity", z / w.numel() if w.numel() else 0.0, name))
-        if not rows:
-            return None
-        head = [
-            ReportRow(self.name, "sparsity", zeros / total, "pruned layers"),
-            ReportRow(self.name, "target sparsity", self.config.target_sparsity, "pruned layers"),
-            ReportRow(self.name, "pattern", str(self.config.pattern), "pruned layers"),
-            ReportRow(self.name, "pruned layers", len(rows), ""),
-        ]
-        if self._pruned:
-            head.append(ReportRow(self.name, "target reached", not self.shortfall(), "pruned layers"))
-        return head + rows
+        reached = not self._shortfall() if self._pruned else None
+        return report_rows(self.name, self.config, self.targets, self.params, model, reached)
 
     # ------------------------------------------------------------------ checkpoint and end
 
@@ -446,18 +397,12 @@ class PruningPlugin(TechniquePlugin):
         self._zero_optimizer_state(trainer)
         # Masks live in the weights' zeros now: the next fit starts from them.
         self._started = False
-        short = self.shortfall()
+        short = self._shortfall()
         if short:
             assert self.schedule is not None
-            final = self.schedule.final_step
-            if self.last_update_step is None or self.last_update_step < final:
-                why = (
-                    f"the schedule's last mask update is at step {final}, after the run's end: end pruning "
-                    "earlier (`end_step`) or train longer"
-                )
-            else:
-                why = f"the `schedule` callable's value at step {final} is below the target"
             rank_zero_warn(
-                f"{OWNER} ({self.name!r}): the run ended at optimizer step {trainer.global_step} short of "
-                f"its target sparsity: {'; '.join(short[:3])}{' ...' if len(short) > 3 else ''} ({why})"
+                shortfall_warning(self.name, trainer.global_step, short, self.schedule, self.last_update_step)
             )
+
+    def _shortfall(self) -> list[str]:
+        return shortfall(self.targets, self.params, self._pruned, self.config)

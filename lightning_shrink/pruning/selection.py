@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from lightning_shrink.pruning.config import OWNER, PruningConfig
 
-__all__ = ["PruneTarget", "default_module_types", "is_conv1d", "select_targets"]
+__all__ = ["PruneTarget", "default_module_types", "group_indices", "is_conv1d", "select_targets"]
 
 
 def _transformers_conv1d() -> type | None:
@@ -40,7 +41,7 @@ def default_module_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneTarget:
     """One pruned parameter.
 
@@ -59,6 +60,14 @@ class PruneTarget:
     transposed: bool
     final_sparsity: float
     group: str
+
+
+def group_indices(targets: Sequence[PruneTarget]) -> dict[str, list[int]]:
+    """The indices of the targets of each threshold group, by group, in target order."""
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(targets):
+        groups.setdefault(t.group, []).append(i)
+    return groups
 
 
 def select_targets(model: nn.Module, config: PruningConfig) -> list[PruneTarget]:
