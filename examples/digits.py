@@ -5,8 +5,8 @@
 Trains an MLP on the 8x8 digit images (1,797 real scans shipped with scikit-learn) twice: dense,
 then with ``GradualMagnitudePruning`` (80 %) and ``QuantizationAwareTraining`` (int8); converts
 and exports the compressed model, reloads the export, and prints the accuracy of each and the
-compression report (also saved as a table, JSON and plot in the output directory). Takes seconds
-on a laptop CPU.
+compression report (also saved as a table and JSON, and a plot with matplotlib, in the output
+directory). Takes seconds on a laptop CPU.
 """
 
 from __future__ import annotations

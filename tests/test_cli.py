@@ -184,25 +184,19 @@ def test_rejected_callback_value_is_a_clear_error(tmp_path, capsys):
 
 
 def _tiny_recipe(tmp_path: Path, **trainer: object) -> Path:
-    """A recipe that fits in seconds: the tiny MLP, random data, pruning of every Linear layer."""
-    recipe = {
-        "model": {"class_path": "lightning_shrink.testing.models.TinyClassifier"},
-        "data": {"class_path": "lightning_shrink.testing.models.RandomClassificationData"},
-        "trainer": {
-            "max_steps": 4,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "enable_checkpointing": False,
-            "default_root_dir": str(tmp_path / "run"),
-            "callbacks": [
-                {
-                    "class_path": "lightning_shrink.GradualMagnitudePruning",
-                    "init_args": {"target_sparsity": 0.5, "start_step": 0, "end_step": 2},
-                }
-            ],
-            **trainer,
-        },
-    }
+    """The tiny recipe of docs/cli.md (the MLP, random data, pruning), quiet and under ``tmp_path``."""
+    import re
+
+    blocks = re.findall(r"^```yaml\n(.*?)^```$", (ROOT / "docs" / "cli.md").read_text(), re.S | re.M)
+    (text,) = [b for b in blocks if "RandomClassificationData" in b]
+    recipe = yaml.safe_load(text)
+    recipe["trainer"].update(
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path / "run"),
+        **trainer,
+    )
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path

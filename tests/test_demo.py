@@ -280,3 +280,27 @@ def test_demo_smoke_end_to_end(tmp_path, capsys, recwarn):
     assert not (out / "stale.txt").exists()
     assert json.loads((out / "results.json").read_text())["techniques"] == ["pruning"]
     assert _leftovers(tmp_path) == []
+
+
+def test_quiet_silences_the_libraries_but_not_lightning_shrink(caplog):
+    import logging
+    import warnings
+
+    from lightning_shrink.demo.console import quiet_libraries
+
+    torchao = logging.getLogger("torchao")
+    level = torchao.level
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_libraries():
+            warnings.warn_explicit(
+                "theirs", UserWarning, "validator.py", 1, module="lightning.pytorch.trainer"
+            )
+            warnings.warn_explicit("ours", UserWarning, "callback.py", 1, module="lightning_shrink.pruning")
+            logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False")
+            torchao.warning("Failed to load an optional kernel")
+            logging.getLogger("lightning_shrink.demo").warning("a line of ours")
+    assert [str(w.message) for w in seen] == ["ours"]
+    assert [r.getMessage() for r in caplog.records] == ["a line of ours"]
+    assert torchao.level == level  # restored after the block

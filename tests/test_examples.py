@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -58,3 +59,37 @@ def test_transformer_finetune_example_runs(tmp_path):
     assert results["sparsity"] == pytest.approx(0.8, abs=0.02)
     assert (tmp_path / "export" / "shrink_config.json").is_file()
     assert (tmp_path / "report" / "report.txt").is_file()
+
+
+def _gradnorm_plugin(monkeypatch, **env: str):
+    monkeypatch.syspath_prepend(str(EXAMPLES / "inhouse_plugin" / "src"))
+    monkeypatch.delitem(sys.modules, "shrink_gradnorm", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    from shrink_gradnorm import GradNormPlugin
+
+    return GradNormPlugin()
+
+
+def test_inhouse_plugin_checks_its_prefixes_on_a_model_built_in_configure_model(
+    monkeypatch, shrink_pluginmanager, cpu_trainer, tiny_dataloader
+):
+    from lightning_shrink.testing.models import DeferredTinyClassifier
+
+    plugin = _gradnorm_plugin(monkeypatch, SHRINK_GRADNORM_FREEZE="net.0.", SHRINK_GRADNORM_FREEZE_STEPS="2")
+    shrink_pluginmanager.register(plugin)
+    model = DeferredTinyClassifier()  # no parameters until configure_model
+    cpu_trainer(max_steps=3).fit(model, tiny_dataloader)
+    assert plugin.steps == 3 and plugin.max_norm > 0
+
+
+def test_inhouse_plugin_refuses_a_prefix_that_names_no_parameter(
+    monkeypatch, shrink_pluginmanager, cpu_trainer, tiny_dataloader
+):
+    from lightning_shrink.testing.models import DeferredTinyClassifier
+
+    plugin = _gradnorm_plugin(monkeypatch, SHRINK_GRADNORM_FREEZE="nett.0.")
+    shrink_pluginmanager.register(plugin)
+    with pytest.raises(ValueError, match=re.escape("no parameter of the model starts with 'nett.0.'")):
+        cpu_trainer(max_steps=3).fit(DeferredTinyClassifier(), tiny_dataloader)
+    assert plugin.steps == 0

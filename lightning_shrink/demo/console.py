@@ -20,7 +20,7 @@ __all__ = ["Printer", "StepPrinter", "quiet_libraries"]
 #: kernels, torch's deprecation notices) ``--quiet`` silences.
 LIBRARY_LOGGERS = ("lightning.pytorch", "lightning.fabric", "torch", "torchao", "transformers")
 #: The packages whose warnings ``--quiet`` silences (lightning-shrink's own warnings still show).
-_LIBRARY_MODULES = r"(lightning|torch|torchao|transformers|opacus|jsonargparse)(\..*)?"
+_LIBRARY_MODULES = r"(lightning|torch|torchao|transformers|opacus|jsonargparse)(\..*)?\Z"
 
 
 class Printer:

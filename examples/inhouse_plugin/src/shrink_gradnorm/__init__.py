@@ -40,7 +40,8 @@ class GradNormPlugin:
         self.max_norm = 0.0
 
     @hookimpl
-    def shrink_setup(self, pl_module: Any, stage: str) -> None:
+    def shrink_configure_model(self, pl_module: Any, stage: str) -> None:
+        """Check that every prefix to freeze names parameters of the model (built by now)."""
         if stage != "fit" or not self.freeze_prefixes:
             return
         names = [n for n, _ in pl_module.named_parameters()]
@@ -52,6 +53,7 @@ class GradNormPlugin:
     # optimizer really receives.
     @hookimpl(trylast=True)
     def shrink_before_optimizer_step(self, pl_module: Any) -> None:
+        """Zero the frozen gradients during the first steps, then measure the global norm."""
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if self.steps < self.freeze_steps:
             for name, p in pl_module.named_parameters():
@@ -68,18 +70,22 @@ class GradNormPlugin:
 
     @hookimpl
     def shrink_metrics(self) -> dict[str, float]:
+        """Log the last and the largest gradient norm."""
         return {"gradnorm/total": self.last_norm, "gradnorm/max": self.max_norm}
 
     @hookimpl
     def shrink_save_state(self, state: dict[str, Any]) -> None:
+        """Keep the step count and the largest norm in the checkpoint."""
         state["gradnorm"] = {"steps": self.steps, "max_norm": self.max_norm}
 
     @hookimpl
     def shrink_load_state(self, state: dict[str, Any]) -> None:
+        """Restore them on resume (defaults for checkpoints without them)."""
         mine = state.get("gradnorm", {})
         self.steps = mine.get("steps", 0)
         self.max_norm = mine.get("max_norm", 0.0)
 
     @hookimpl
     def shrink_report_rows(self) -> list[ReportRow]:
+        """Report the largest gradient norm seen."""
         return [ReportRow("gradnorm", "largest gradient norm", self.max_norm)]
