@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import math
 import sys
@@ -19,7 +20,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_shrink import DifferentialPrivacy, ShrinkCallback, hookimpl, report
-from lightning_shrink.privacy.plugin import PrivacyError
+from lightning_shrink.privacy import PrivacyConfig, PrivacyError
 from lightning_shrink.testing.models import (
     TinyClassifier,
     TinyTransformerClassifier,
@@ -89,19 +90,51 @@ def fit(
         (dict(target_epsilon=3.0), "exactly one of `epochs` and `steps`"),
         (dict(target_epsilon=3.0, epochs=1, steps=5), "exactly one of `epochs` and `steps`"),
         (dict(noise_multiplier=1.0, epochs=2), "cannot be combined with `noise_multiplier`"),
-        (dict(noise_multiplier=1.0, max_grad_norm=0.0), "`max_grad_norm` must be > 0"),
-        (dict(noise_multiplier=1.0, max_grad_norm=-1), "`max_grad_norm` must be > 0"),
-        (dict(noise_multiplier=-0.5), "`noise_multiplier` must be >= 0"),
-        (dict(target_epsilon=0.0, steps=3), "`target_epsilon` must be > 0"),
-        (dict(noise_multiplier=1.0, delta=1.5), "`delta` must be in"),
+        (dict(noise_multiplier=1.0, max_grad_norm=0.0), r"`max_grad_norm` must be a number in \(0, inf\)"),
+        (dict(noise_multiplier=1.0, max_grad_norm=-1), r"`max_grad_norm` must be a number in \(0, inf\)"),
+        (dict(noise_multiplier=-0.5), r"`noise_multiplier` must be a number in \[0, inf\)"),
+        (dict(noise_multiplier=math.nan), "`noise_multiplier` must be finite"),
+        (dict(target_epsilon=0.0, steps=3), r"`target_epsilon` must be a number in \(0, inf\)"),
+        (dict(target_epsilon=1.0, steps=0), "`steps` must be >= 1 optimizer steps"),
+        (dict(target_epsilon=1.0, steps=1.5), r"`steps` as a float is a fraction .* \(0, 1\]"),
+        (dict(target_epsilon=1.0, epochs=0), r"`epochs` must be an int in \[1, inf\)"),
+        (dict(noise_multiplier=1.0, delta=1.5), r"`delta` must be a number in \(0, 1\)"),
         (dict(noise_multiplier=1.0, accountant="moments"), "`accountant` must be one of"),
         (dict(noise_multiplier=1.0, grad_sample_mode="fast"), "`grad_sample_mode` must be one of"),
-        (dict(noise_multiplier=1.0, loss_reduction="max"), "`loss_reduction`"),
+        (dict(noise_multiplier=1.0, loss_reduction="max"), "`loss_reduction` must be one of"),
     ],
 )
-def test_bad_arguments_fail_at_construction(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+def test_bad_values_are_value_errors_at_construction(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=f"DifferentialPrivacy: .*{match}"):
         DifferentialPrivacy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(noise_multiplier="1"), "`noise_multiplier` must be a number or None, got '1'"),
+        (dict(target_epsilon=1.0, epochs=1.5), "`epochs` must be an int or None, got 1.5"),
+        (dict(noise_multiplier=1.0, max_grad_norm=True), "`max_grad_norm` must be a number, got True"),
+        (dict(noise_multiplier=1.0, poisson_sampling="yes"), "`poisson_sampling` must be a bool, got 'yes'"),
+        (dict(noise_multiplier=1.0, batch_first=1), "`batch_first` must be a bool, got 1"),
+    ],
+)
+def test_bad_types_are_type_errors_at_construction(kwargs: dict, match: str) -> None:
+    with pytest.raises(TypeError, match=f"DifferentialPrivacy: {match}"):
+        DifferentialPrivacy(**kwargs)
+
+
+def test_the_configuration_is_a_frozen_dataclass_exposed_by_the_callback() -> None:
+    dp = DifferentialPrivacy(target_epsilon=8, epochs=3, max_grad_norm=2)
+    assert dp.config == PrivacyConfig(target_epsilon=8.0, epochs=3, max_grad_norm=2.0)
+    assert isinstance(dp.config.target_epsilon, float) and dp.config.accountant == "prv"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dp.config.max_grad_norm = 10.0  # type: ignore[misc]
+    assert dp.plugin.config is dp.config
+    assert repr(dp) == (
+        "DifferentialPrivacy(target_epsilon=8.0, epochs=3, delta=None, max_grad_norm=2.0, accountant='prv', "
+        "grad_sample_mode='auto', batch_first=True)"
+    )
 
 
 def test_missing_opacus_is_a_clear_import_error_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,7 +200,7 @@ def test_data_is_poisson_sampled() -> None:
     assert len(sizes) == N // BATCH
     assert len(set(sizes)) > 1
     assert dp.plugin.steps == len(sizes)
-    assert isinstance(trainer.train_dataloader.batch_sampler, UniformWithReplacementSampler)
+    assert isinstance(trainer.train_dataloader.batch_sampler.batch_sampler, UniformWithReplacementSampler)
 
 
 def test_without_poisson_sampling_the_loader_is_kept_and_the_guarantee_disclaimed() -> None:
@@ -175,7 +208,8 @@ def test_without_poisson_sampling_the_loader_is_kept_and_the_guarantee_disclaime
     dp = DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp", poisson_sampling=False)
     with pytest.warns(UserWarning, match="NOT a formal guarantee"):
         trainer = fit(TinyClassifier(), data, dp, max_steps=2)
-    assert trainer.train_dataloader.batch_sampler is data.batch_sampler
+    # the loader's own batches, counted (every layer is checked against each batch's examples)
+    assert trainer.train_dataloader.batch_sampler.batch_sampler is data.batch_sampler
     rows = {r.metric: r.value for r in report(trainer).select(technique="privacy")}
     assert rows["guarantee"] == "none: Poisson sampling was off"
 
@@ -406,6 +440,90 @@ def test_checkpoint_resume_continues_the_accounting(tmp_path) -> None:
     reference.history = [(1.0, BATCH / N, 16)]
     assert trainer.global_step == resumed.plugin.steps == 16
     assert resumed.epsilon == reference.get_epsilon(delta=1e-3)
+
+
+@pytest.fixture(scope="module")
+def private_checkpoint(tmp_path_factory) -> Any:
+    """A checkpoint after two DP steps: noise 1, clip 1, delta 1e-3, rdp, batch 16 of 128 examples."""
+    path = tmp_path_factory.mktemp("dp") / "dp.ckpt"
+    trainer = fit(TinyClassifier(), loader(), DifferentialPrivacy(**RESUMED), max_steps=2)
+    trainer.save_checkpoint(path)
+    return path
+
+
+RESUMED = dict(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3, accountant="rdp")
+
+
+@pytest.mark.parametrize(
+    ("changes", "data", "match"),
+    [
+        (dict(noise_multiplier=2.0), loader(), r"noise_multiplier 1.0 -> 2.0"),
+        (dict(max_grad_norm=0.5), loader(), r"max_grad_norm \(clipping norm\) 1.0 -> 0.5"),
+        (dict(delta=1e-4), loader(), r"delta 0.001 -> 0.0001"),
+        (dict(accountant="prv"), loader(), r"accountant 'rdp' -> 'prv'"),
+        ({}, loader(batch_size=8), r"sample rate \(batch size x processes / examples\) 0.125 -> 0.0625"),
+        ({}, loader(n=96, batch_size=12), r"number of training examples 128 -> 96"),
+        (dict(target_epsilon=5.0, steps=10, noise_multiplier=None), loader(), r"noise_multiplier 1.0 -> "),
+    ],
+    ids=["noise", "clipping", "delta", "accountant", "batch-size", "dataset", "budget"],
+)
+def test_resume_with_a_changed_privacy_configuration_is_refused_naming_the_change(
+    private_checkpoint, changes: dict, data: DataLoader, match: str
+) -> None:
+    resumed = DifferentialPrivacy(**{**RESUMED, **changes})
+    trainer = cpu_trainer(callbacks=[resumed], max_steps=4)
+    with pytest.raises(PrivacyError, match=f"another privacy configuration than this run: .*{match}"):
+        trainer.fit(TinyClassifier(), data, ckpt_path=private_checkpoint)
+    assert resumed.plugin.steps == 2  # the checkpoint's account, nothing added
+
+
+def test_resume_of_a_checkpoint_trained_without_privacy_is_refused(tmp_path) -> None:
+    trainer = cpu_trainer(max_steps=3)
+    trainer.fit(TinyClassifier(), loader())
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    dp = DifferentialPrivacy(**RESUMED)
+    with pytest.raises(
+        PrivacyError, match=r"checkpoint has taken 3 optimizer step\(s\), of which the privacy"
+    ):
+        cpu_trainer(callbacks=[dp], max_steps=5).fit(
+            TinyClassifier(), loader(), ckpt_path=tmp_path / "plain.ckpt"
+        )
+
+
+def test_planned_steps_as_a_fraction_of_the_run() -> None:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    dp = DifferentialPrivacy(target_epsilon=2.0, steps=1.0, delta=1e-3, accountant="rdp")
+    trainer = fit(TinyClassifier(), loader(), dp, max_steps=6)
+    expected = get_noise_multiplier(
+        target_epsilon=2.0, target_delta=1e-3, sample_rate=BATCH / N, steps=6, accountant="rdp"
+    )
+    assert dp.plugin.noise_multiplier == pytest.approx(expected)
+    assert trainer.global_step == dp.plugin.steps == 6 <= dp.plugin.max_steps
+    assert dp.epsilon <= 2.0
+
+
+def test_one_differential_privacy_per_trainer() -> None:
+    second = DifferentialPrivacy(noise_multiplier=2.0, accountant="rdp", name="dp2")
+    with pytest.raises(
+        PrivacyError, match="2 DifferentialPrivacy callbacks in one Trainer; one DP-SGD mechanism"
+    ):
+        fit(
+            TinyClassifier(), loader(), DifferentialPrivacy(**RESUMED), callbacks_extra=(second,), max_steps=1
+        )
+
+
+def test_a_skipped_training_step_on_a_non_empty_batch_is_refused() -> None:
+    class SkipsSecond(TinyClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+            return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+    dp = DifferentialPrivacy(**RESUMED)
+    with pytest.raises(
+        PrivacyError, match=r"no per-sample gradient was computed \(training_step returned None"
+    ):
+        fit(SkipsSecond(), loader(), dp, max_steps=3)
+    assert dp.plugin.steps == 1
 
 
 # ---------------------------------------------------------------------------- transformers

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Any
 
+from lightning_shrink.config import Step
 from lightning_shrink.lightning.technique import TechniqueCallback
+from lightning_shrink.privacy.config import PrivacyConfig
 
-__all__ = ["ACCOUNTANTS", "GRAD_SAMPLE_MODES", "DifferentialPrivacy"]
-
-#: Privacy accountants (Opacus names): privacy loss random variables, Rényi DP, Gaussian DP.
-ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp", "gdp")
-
-#: How per-sample gradients are clipped. ``"hooks"``: Opacus' per-sample gradient hooks
-#: (materializes every example's gradient). ``"ghost"``: ghost norms plus book-keeping in
-#: one backward pass (:mod:`lightning_shrink.privacy.ghost`), never materializing per-sample
-#: gradients of linear and embedding layers. ``"auto"`` picks ``"ghost"`` when every trainable
-#: layer is supported by it and ``"hooks"`` otherwise.
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("auto", "ghost", "hooks")
+__all__ = ["DifferentialPrivacy"]
 
 _INSTALL_HINT = 'pip install "lightning-shrink[privacy]"'
 
@@ -29,15 +21,6 @@ def _require_opacus() -> None:
         raise ImportError(
             f"DifferentialPrivacy needs Opacus, which is not installed: {_INSTALL_HINT}"
         ) from exc
-
-
-def _positive(name: str, value: Any, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"DifferentialPrivacy: `{name}` must be a finite number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"DifferentialPrivacy: `{name}` must be {bound}, got {value!r}")
-    return float(value)
 
 
 class DifferentialPrivacy(TechniqueCallback):
@@ -55,11 +38,13 @@ class DifferentialPrivacy(TechniqueCallback):
     ``steps`` (the noise is then calibrated at fit start so that the plan spends exactly the
     target). With a ``target_epsilon`` the run stops, with a message, before a step would exceed it.
 
-    Anything that would make the guarantee false fails before the first step, with the reason:
+    Anything that would make the guarantee false fails before the first update, with the reason:
     manual optimization, an optimizer that cannot be wrapped, layers whose per-sample gradients
-    cannot be computed or that mix examples (batch norm), a training dataloader that cannot be
-    Poisson-sampled, gradient accumulation, AMP with a gradient scaler, strategies other than
-    single-device and DDP.
+    cannot be computed or that mix examples (batch norm, static or per-tensor fake quantization), a
+    training dataloader that cannot be Poisson-sampled, gradient accumulation, AMP with a gradient
+    scaler, strategies other than single-device and DDP, a resumed checkpoint whose steps are not
+    all in the account or that was trained with another privacy configuration, and, at every step,
+    a layer whose batch dimension does not hold exactly the batch's examples.
 
     Args:
         noise_multiplier: Noise standard deviation relative to ``max_grad_norm``. Exclusive with
@@ -67,19 +52,28 @@ class DifferentialPrivacy(TechniqueCallback):
         target_epsilon: Privacy budget to spend over the planned ``epochs`` or ``steps``.
         epochs: Planned number of epochs (with ``target_epsilon``); one epoch is
             ``1 / q`` Poisson-sampled steps.
-        steps: Planned number of optimizer steps (with ``target_epsilon``).
+        steps: Planned number of optimizer steps (with ``target_epsilon``): an ``int``, or a
+            ``float`` fraction of the run's optimizer steps (``1.0``: the whole run, as
+            ``trainer.estimated_stepping_batches`` counts it).
         delta: The ``delta`` of ``(epsilon, delta)``-DP; must be below ``1 / N`` (``N`` training
             examples, checked at fit start). ``None`` uses ``1 / (10 N)``.
         max_grad_norm: Per-sample gradient clipping norm (> 0).
         accountant: ``"prv"`` (default; Opacus' privacy-loss-random-variable accountant,
             tightest), ``"rdp"`` (Rényi DP) or ``"gdp"`` (Gaussian DP, asymptotic, can
             underestimate epsilon).
-        grad_sample_mode: One of :data:`GRAD_SAMPLE_MODES`.
+        grad_sample_mode: ``"auto"``, ``"ghost"`` or ``"hooks"``
+            (:data:`~lightning_shrink.privacy.GRAD_SAMPLE_MODES`).
         poisson_sampling: Replace the training dataloader's sampling by Poisson sampling (what the
-            accountants assume). With ``False`` the dataloader is left alone and the reported
-            epsilon is not a formal guarantee (a warning says so).
+            accountants assume). With ``False`` the dataloader's sampling is kept and the reported
+            epsilon is not a formal guarantee (a warning and a report row say so).
         loss_reduction: How the module's loss reduces over the batch, ``"mean"`` (default) or
             ``"sum"``; scales per-sample gradients before clipping and the noisy sum after.
+        batch_first: ``True`` when the layers see the examples in the first dimension of their
+            inputs (``(B, T, D)``), ``False`` for time-major models (``(T, B, D)``, the default of
+            ``nn.RNN`` and ``nn.Transformer``): an input with two or more leading dimensions then
+            has its examples in the second, one with a single leading dimension (a classifier head on
+            ``(B, D)``) in the first. Either way every layer is checked against the batch's number of
+            examples at every step.
         name: The plugin's registered name, the namespace of its metrics, checkpoint state and report
             rows; ``None``: ``"privacy"``. One Trainer takes one ``DifferentialPrivacy``.
 
@@ -96,73 +90,33 @@ class DifferentialPrivacy(TechniqueCallback):
         noise_multiplier: float | None = None,
         target_epsilon: float | None = None,
         epochs: int | None = None,
-        steps: int | None = None,
+        steps: Step | None = None,
         delta: float | None = None,
         max_grad_norm: float = 1.0,
         accountant: str = "prv",
         grad_sample_mode: str = "auto",
         poisson_sampling: bool = True,
         loss_reduction: str = "mean",
+        batch_first: bool = True,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
         _require_opacus()
-        if (noise_multiplier is None) == (target_epsilon is None):
-            which = "both were given" if noise_multiplier is not None else "neither was given"
-            raise ValueError(
-                f"DifferentialPrivacy: give exactly one of `noise_multiplier` and `target_epsilon` ({which})"
-            )
-        if noise_multiplier is not None:
-            noise_multiplier = _positive("noise_multiplier", noise_multiplier, allow_zero=True)
-            if epochs is not None or steps is not None:
-                raise ValueError(
-                    "DifferentialPrivacy: `epochs` and `steps` plan the budget of a `target_epsilon`; "
-                    "they cannot be combined with `noise_multiplier`"
-                )
-        else:
-            target_epsilon = _positive("target_epsilon", target_epsilon)
-            if (epochs is None) == (steps is None):
-                raise ValueError(
-                    "DifferentialPrivacy: with `target_epsilon`, give exactly one of `epochs` and `steps` "
-                    "(the plan the noise is calibrated for)"
-                )
-            for name, value in (("epochs", epochs), ("steps", steps)):
-                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                    raise ValueError(f"DifferentialPrivacy: `{name}` must be a positive int, got {value!r}")
-        if delta is not None:
-            delta = _positive("delta", delta)
-            if delta >= 1:
-                raise ValueError(f"DifferentialPrivacy: `delta` must be in (0, 1), got {delta!r}")
-        self.max_grad_norm = _positive("max_grad_norm", max_grad_norm)
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(
-                f"DifferentialPrivacy: `accountant` must be one of {ACCOUNTANTS}, got {accountant!r}"
-            )
-        if grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(
-                f"DifferentialPrivacy: `grad_sample_mode` must be one of {GRAD_SAMPLE_MODES}, "
-                f"got {grad_sample_mode!r}"
-            )
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(
-                f"DifferentialPrivacy: `loss_reduction` must be 'mean' or 'sum', got {loss_reduction!r}"
-            )
-        if not isinstance(poisson_sampling, bool):
-            raise ValueError(
-                f"DifferentialPrivacy: `poisson_sampling` must be a bool, got {poisson_sampling!r}"
-            )
-        self.noise_multiplier = noise_multiplier
-        self.target_epsilon = target_epsilon
-        self.epochs = epochs
-        self.steps = steps
-        self.delta = delta
-        self.accountant = accountant
-        self.grad_sample_mode = grad_sample_mode
-        self.poisson_sampling = poisson_sampling
-        self.loss_reduction = loss_reduction
+        #: The validated configuration.
+        self.config = PrivacyConfig(
+            noise_multiplier=noise_multiplier,
+            target_epsilon=target_epsilon,
+            epochs=epochs,
+            steps=steps,
+            delta=delta,
+            max_grad_norm=max_grad_norm,
+            accountant=accountant,
+            grad_sample_mode=grad_sample_mode,
+            poisson_sampling=poisson_sampling,
+            loss_reduction=loss_reduction,
+            batch_first=batch_first,
+        )
         if accountant == "gdp":
-            import warnings
-
             warnings.warn(
                 "DifferentialPrivacy: the 'gdp' accountant is asymptotic and can underestimate epsilon; "
                 "prefer 'prv' or 'rdp' for a reported guarantee",
@@ -171,9 +125,10 @@ class DifferentialPrivacy(TechniqueCallback):
             )
 
     def make_plugin(self) -> Any:
+        """The DP-SGD plugin (imports Opacus)."""
         from lightning_shrink.privacy.plugin import PrivacyPlugin
 
-        return PrivacyPlugin(self)
+        return PrivacyPlugin(self.config)
 
     @property
     def epsilon(self) -> float:
@@ -181,13 +136,4 @@ class DifferentialPrivacy(TechniqueCallback):
         return self.plugin.epsilon
 
     def __repr__(self) -> str:
-        budget = (
-            f"noise_multiplier={self.noise_multiplier}"
-            if self.noise_multiplier is not None
-            else f"target_epsilon={self.target_epsilon}, "
-            + (f"epochs={self.epochs}" if self.epochs is not None else f"steps={self.steps}")
-        )
-        return (
-            f"DifferentialPrivacy({budget}, delta={self.delta}, max_grad_norm={self.max_grad_norm}, "
-            f"accountant={self.accountant!r}, grad_sample_mode={self.grad_sample_mode!r})"
-        )
+        return f"DifferentialPrivacy({self.config.describe()})"

@@ -16,10 +16,17 @@ ghost clipping avoids that but needs the per-example losses and a second backwar
   one matrix product per layer, ``sum_i c_i b_i^T a_i = (c * b)^T a``, the size of the ordinary
   weight gradient; it is stored in ``p.summed_grad`` where Opacus' ``DPOptimizer`` adds the noise.
 
+The examples of a layer's input are along the dimension :func:`lightning_shrink.privacy.layers.batch_dim`
+gives (time-major ``(T, B, D)`` inputs with ``batch_first=False``); every step, each layer must
+have seen exactly as many examples as the batch holds, else the step is refused naming the layer.
+For a layer fake-quantized by quantization-aware training, ``a`` is its fake-quantized input (the
+straight-through gradient passes the rounding unchanged).
+
 The result is the same DP-SGD step as Opacus' (same clipping rule, same noise, same sampling), so
-the same accountant applies; ``tests/test_privacy_ghost.py`` checks it against Opacus' hooks.
-Supported trainable layers: ``nn.Linear``, ``nn.Embedding`` (without ``max_norm``) and
-``nn.LayerNorm``, each parameter used by one layer call per step.
+the same accountant applies; the tests check it against Opacus' hooks and a ``torch.func``
+reference. Supported trainable layers: ``nn.Linear``, ``nn.Embedding`` (without ``max_norm``, not
+sparse), their fake-quantized forms, and ``nn.LayerNorm``, each parameter used by one layer call per
+step.
 """
 
 from __future__ import annotations
@@ -31,14 +38,33 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_shrink.privacy.errors import PrivacyError, batch_mismatch_message, no_backward_message
+from lightning_shrink.privacy.layers import (
+    batch_dim,
+    is_fake_quantized,
+    trainable_direct,
+    uncovered_parameters,
+    weight_input,
+)
+
 __all__ = ["SUPPORTED_LAYERS", "GhostClippingEngine", "unsupported_layers"]
 
 #: Layer types whose per-example gradient norms and clipped sums this engine computes.
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.LayerNorm)
 
+_PREFIX = "DifferentialPrivacy(grad_sample_mode='ghost')"
 
-def _trainable_direct(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters(recurse=False) if p.requires_grad]
+
+def _supported(module: nn.Module) -> bool:
+    if type(module) in SUPPORTED_LAYERS:
+        kind: type | None = type(module)
+    elif is_fake_quantized(module) and isinstance(module, (nn.Linear, nn.Embedding)):
+        kind = nn.Linear if isinstance(module, nn.Linear) else nn.Embedding
+    else:
+        kind = None
+    if kind is nn.Embedding and (module.max_norm is not None or module.sparse):
+        return False
+    return kind is not None and not uncovered_parameters(module)
 
 
 def unsupported_layers(model: nn.Module) -> list[str]:
@@ -46,13 +72,13 @@ def unsupported_layers(model: nn.Module) -> list[str]:
     bad = []
     owner: dict[int, str] = {}
     for name, module in model.named_modules():
-        params = _trainable_direct(module)
+        params = trainable_direct(module)
         if not params:
             continue
-        if type(module) not in SUPPORTED_LAYERS or (
-            isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse)
-        ):
-            bad.append(f"{name or '<root>'} ({type(module).__name__})")
+        if not _supported(module):
+            extra = uncovered_parameters(module)
+            detail = f", parameters {extra} beyond weight and bias" if extra else ""
+            bad.append(f"{name or '<root>'} ({type(module).__name__}{detail})")
         for p in params:
             if id(p) in owner:
                 bad.append(f"{name} (parameter shared with {owner[id(p)]})")
@@ -61,16 +87,30 @@ def unsupported_layers(model: nn.Module) -> list[str]:
 
 
 class GhostClippingEngine:
-    """Attaches to the trainable layers of ``model``; see the module's documentation."""
+    """Attaches to the trainable layers of ``model``; see the module's documentation.
+
+    Args:
+        model: The model whose trainable layers are all supported (:func:`unsupported_layers`).
+        loss_reduction: ``"mean"`` or ``"sum"``, how the loss reduces over the batch's examples.
+        skip_weight_grads: Let autograd skip the weight gradients of linear layers (book-keeping
+            computes them); ``False`` under DDP, whose reducer waits for every gradient.
+        batch_first: Whether layer inputs have their examples first (see
+            :func:`lightning_shrink.privacy.layers.batch_dim`).
+    """
 
     name = "ghost"
 
     def __init__(
-        self, model: nn.Module, loss_reduction: str = "mean", skip_weight_grads: bool = True
+        self,
+        model: nn.Module,
+        loss_reduction: str = "mean",
+        skip_weight_grads: bool = True,
+        batch_first: bool = True,
     ) -> None:
         self.loss_reduction = loss_reduction
         self.skip_weight_grads = skip_weight_grads
-        self.layers = [m for m in model.modules() if _trainable_direct(m)]
+        self.batch_first = batch_first
+        self.layers = {m: name for name, m in model.named_modules() if trainable_direct(m)}
         self.acts: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
         self.grads: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self.layers]
@@ -94,7 +134,7 @@ class GhostClippingEngine:
             return
         if not isinstance(args[0], torch.Tensor) or not args[0].requires_grad:
             return
-        params = _trainable_direct(module)
+        params = trainable_direct(module)
         for p in params:
             p.requires_grad_(False)
         self._detached[module] = params
@@ -106,18 +146,21 @@ class GhostClippingEngine:
             return
         if not output.requires_grad:
             return
-        self.acts[module].append(args[0].detach())
+        self.acts[module].append(weight_input(module, args[0]).detach())
         grads = self.grads[module]
         output.register_hook(lambda g: grads.append(g.detach()))
 
     def has_data(self) -> bool:
+        """Whether a backward pass reached a layer since the last :meth:`reset`."""
         return any(self.grads.values())
 
     def reset(self) -> None:
+        """Forget the recorded activations and gradients."""
         self.acts.clear()
         self.grads.clear()
 
     def close(self) -> None:
+        """Remove every hook; the model is as before."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -129,45 +172,72 @@ class GhostClippingEngine:
 
     # ------------------------------------------------------------------ clipping
 
-    def _pairs(self, params_of: dict[int, Any]) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
-        from lightning_shrink.privacy.plugin import PrivacyError
-
+    def _pairs(
+        self, params_of: dict[int, Any], examples: int
+    ) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
         pairs = []
-        for module in self.layers:
-            if not any(id(p) in params_of for p in _trainable_direct(module)):
+        for module, name in self.layers.items():
+            if not any(id(p) in params_of for p in trainable_direct(module)):
                 continue
             acts, grads = self.acts.get(module, []), self.grads.get(module, [])
             if len(acts) != 1 or len(grads) != 1:
                 raise PrivacyError(
-                    f"DifferentialPrivacy(grad_sample_mode='ghost'): layer {type(module).__name__} ran "
-                    f"{len(acts)} forward and {len(grads)} backward pass(es) in this step (one of each is "
-                    "needed; a layer called twice or not at all cannot be clipped here): use "
-                    "grad_sample_mode='hooks'"
+                    f"{_PREFIX}: layer {name!r} ({type(module).__name__}) ran {len(acts)} forward and "
+                    f"{len(grads)} backward pass(es) in this step (one of each is needed; a layer called "
+                    "twice or not at all cannot be clipped here): use grad_sample_mode='hooks'"
                 )
-            b = grads[0]
+            a, b = acts[0], grads[0]
+            dim = batch_dim(module, a, self.batch_first)
+            if a.dim() <= dim or a.shape[dim] != examples or b.shape[dim] != examples:
+                raise PrivacyError(
+                    batch_mismatch_message(
+                        "ghost", name, module, tuple(a.shape), dim, examples, self.batch_first
+                    )
+                )
+            a, b = a.movedim(dim, 0), b.movedim(dim, 0)
             if self.loss_reduction == "mean":
-                b = b * b.shape[0]  # gradient of the example's own loss, as Opacus' hooks do
-            pairs.append((module, acts[0], b))
-        sizes = {b.shape[0] for _, _, b in pairs}
-        if len(sizes) > 1:
-            raise PrivacyError(
-                "DifferentialPrivacy(grad_sample_mode='ghost'): layers saw different batch sizes "
-                f"{sorted(sizes)} in one step (an input shared by the batch that could not be expanded per "
-                "example); per-example gradients are undefined: use grad_sample_mode='hooks'"
-            )
+                b = b * examples  # gradient of the example's own loss, as Opacus' hooks do
+            pairs.append((module, a, b))
         return pairs
 
     @torch.no_grad()
-    def clip_and_accumulate(self, optimizer: Any) -> torch.Tensor:
+    def clip_and_accumulate(
+        self, optimizer: Any, examples: int | None = None, discard: bool = False
+    ) -> torch.Tensor:
         """Compute per-example norms, clip, and store the clipped sums in ``p.summed_grad``.
 
-        Returns the per-example gradient norms before clipping."""
+        Args:
+            optimizer: The Opacus ``DPOptimizer`` (its ``params`` and ``max_grad_norm``).
+            examples: The number of examples in the batch; ``None`` takes it from the first layer's
+                batch dimension (for a model known to be batch-first, as in the benchmarks).
+            discard: The batch is the stand-in for an empty Poisson batch: check it, then store zero
+                sums (the step is noise only).
+
+        Returns the per-example gradient norms before clipping (empty when the sums are zero).
+
+        Raises:
+            PrivacyError: a layer saw a different number of examples than the batch holds, ran more
+                or less than once, or no layer recorded anything although the batch has examples.
+        """
         params_of = {id(p): p for p in optimizer.params}
-        pairs = self._pairs(params_of)
-        if not pairs:
-            raise RuntimeError("no layer recorded activations in this step")
-        batch = pairs[0][2].shape[0]
-        sq = torch.zeros(batch, dtype=torch.float32, device=pairs[0][2].device)
+        if examples is None:
+            first = next((m for m in self.layers if self.acts.get(m)), None)
+            if first is None:
+                raise PrivacyError(f"{_PREFIX}: no layer recorded activations in this step")
+            examples = self.acts[first][0].shape[batch_dim(first, self.acts[first][0], self.batch_first)]
+        if not self.has_data():
+            if examples and not discard:
+                raise PrivacyError(no_backward_message(examples))
+            pairs = []
+        else:
+            pairs = self._pairs(params_of, examples)
+        if examples == 0 or discard:
+            for p in optimizer.params:
+                p.summed_grad = torch.zeros_like(p)
+            self.reset()
+            return torch.zeros(0)
+        device = pairs[0][2].device
+        sq = torch.zeros(examples, dtype=torch.float32, device=device)
         for module, a, b in pairs:
             sq += self._norm_sq(module, a, b)
         norms = sq.sqrt()

@@ -74,11 +74,21 @@ def _round_symmetric(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.T
 
 class _SymmetricSTE(torch.autograd.Function):
     """Symmetric fake quantization with a scale taken from the tensor's own max: nothing is
-    clipped, so the straight-through gradient is exactly the identity."""
+    clipped, so the straight-through gradient is exactly the identity.
+
+    ``forward`` without ``ctx`` plus ``setup_context`` and a generated vmap rule make it usable
+    under ``torch.func`` transforms (``vmap``, ``grad``): per-example gradients through
+    fake-quantized layers (differential privacy, its tests' references) are computed that way."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, scale, qmax):  # type: ignore[override]
+    def forward(x, scale, qmax):  # type: ignore[override]
         return _round_symmetric(x, scale, qmax)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        pass  # the identity gradient needs nothing saved
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
