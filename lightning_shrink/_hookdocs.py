@@ -83,11 +83,11 @@ def _builtin_plugins() -> list[tuple[str, list[Any]]]:
     from lightning_shrink.pruning import export as pruning_export
     from lightning_shrink.pruning.plugin import PruningPlugin
     from lightning_shrink.quantization import hooks as int8
-    from lightning_shrink.quantization.callback import _QATPlugin
+    from lightning_shrink.quantization.plugin import QuantizationPlugin
 
     techniques: list[tuple[str, list[Any]]] = [
         ("pruning", [PruningPlugin, pruning_export]),
-        ("quantization", [_QATPlugin, int8]),
+        ("quantization", [QuantizationPlugin, int8]),
         ("distillation", [DistillationPlugin]),
     ]
     try:

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_shrink.quantization.fake_quant import (
-    fake_quantize_activation_per_token,
+    ACTIVATION_QMAX,
+    fake_quantize_activation_dynamic,
     fake_quantize_activation_static,
 )
 
@@ -27,16 +28,22 @@ __all__ = ["ENV_KERNEL", "REDUCE_RANGE", "kernel_name", "linear", "native_availa
 #: Environment variable: ``reference`` forces the pure-torch path.
 ENV_KERNEL = "LIGHTNING_SHRINK_INT8_KERNEL"
 
-#: Dynamic-activation range reduction of the fbgemm kernel. ``torch.ao``'s dynamic Linear uses
-#: 7-bit activations on x86 to avoid int16 saturation of the AVX2 multiply-add; we keep that safe
-#: default.
-REDUCE_RANGE = True
+#: Dynamic-activation range reduction of the fbgemm kernel: 7-bit activations, which the int16 pair
+#: sums of the AVX2 multiply-add cannot overflow (with 8 bits they saturate on CPUs without VNNI).
+#: The fake quantization simulates exactly this (:mod:`lightning_shrink.quantization.fake_quant`).
+REDUCE_RANGE = ACTIVATION_QMAX == 127
+
+#: Quantized engines whose linear kernels are fbgemm's, whose arithmetic the fake quantization
+#: reproduces; on any other engine the reference path runs.
+_FBGEMM_ENGINES = ("x86", "fbgemm")
 
 
 def native_available() -> bool:
-    """Whether the packed int8 operators exist in this torch build."""
+    """Whether the packed int8 operators exist in this torch build, on an fbgemm engine."""
     ops = getattr(torch.ops, "quantized", None)
     try:
+        if torch.backends.quantized.engine not in _FBGEMM_ENGINES:
+            return False
         return ops is not None and all(
             hasattr(ops, name)
             for name in ("linear_prepack", "linear_dynamic", "linear_with_input_q_dq_qweight_dq_output_fp32")
@@ -83,19 +90,26 @@ def linear(
     input_scale: torch.Tensor | None = None,
     input_zero_point: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y = x @ dequant(weight).T + bias`` with int8 activations (``"dynamic"``, ``"static"``) or
-    float activations (``None``), on the native kernel when ``packed`` is given."""
+    """``y = x @ dequant(weight).T + bias`` with 7-bit activations (``"dynamic"``, ``"static"``) or
+    float activations (``None``), on the native kernel when ``packed`` is given.
+
+    Static activations are clamped to the range their scale and zero point represent before the
+    kernel quantizes them (it would clamp to ``[0, 255]`` only), so that it computes exactly what
+    :func:`~lightning_shrink.quantization.fake_quant.fake_quantize_activation_static` simulates.
+    """
     dtype = x.dtype
     x = x.float()
     if packed is not None and activations == "dynamic":
         out = torch.ops.quantized.linear_dynamic(x, packed, REDUCE_RANGE)
     elif packed is not None and activations == "static":
+        scale, zero_point = float(input_scale), int(input_zero_point)
+        low, high = -zero_point * scale, (ACTIVATION_QMAX - zero_point) * scale
         out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x, float(input_scale), int(input_zero_point), packed
+            x.clamp(low, high), scale, zero_point, packed
         )
     else:
         if activations == "dynamic":
-            x = fake_quantize_activation_per_token(x)
+            x = fake_quantize_activation_dynamic(x)
         elif activations == "static":
             x = fake_quantize_activation_static(x, input_scale, input_zero_point)
         out = F.linear(x, weight.float() * scale.unsqueeze(1), bias)

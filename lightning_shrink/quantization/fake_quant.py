@@ -6,18 +6,23 @@ with, in the input's dtype.
 Why not ``torch.fake_quantize_per_channel_affine``? Measured on this CPU (2 cores, 1024 x 1536
 activations, one thread): the fused operator takes 12-15 ms, torchao 0.18's
 ``_fake_quantize_affine`` 7.5 ms, and the composition used here (``torch.mul``, ``torch.round``,
-``clamp_``, ``mul_``, in place on one fresh tensor) 1.5 ms, with identical results (all three
-round half to even after multiplying by the reciprocal scale). The straight-through estimator is
-an ``autograd.Function`` whose backward passes the gradient on (masked where static activations
-are clipped), so no rounding graph is recorded. See docs/quantization.md.
+``mul_``, in place on one fresh tensor) 1.5 ms, with identical results (all three round half to
+even after multiplying by the reciprocal scale). The straight-through estimator is an
+``autograd.Function`` whose backward passes the gradient on (masked where static activations are
+clipped), so no rounding graph is recorded. See docs/quantization.md.
 
-Conventions (shared with conversion and export, so all three agree bit for bit on weights):
+Conventions (shared with conversion and export, so all three agree bit for bit on weights, and
+with the x86 int8 kernel on activations):
 
 - weights: symmetric, zero point 0, ``scale = max|w| / qmax`` per output channel (or per group of
   ``group_size`` input elements for int4), integer range ``[-qmax, qmax]`` with
   ``qmax = 2**(bits-1) - 1``. Zero maps to zero, so pruned weights stay exactly zero.
-- dynamic activations: symmetric int8 per token (per row of the last dimension).
-- static activations: affine uint8 per tensor, ``scale``/``zero_point`` from observed min/max.
+- activations (dynamic and static): affine, per tensor, **7-bit** unsigned values ``[0, 127]``,
+  with the scale and zero point the x86 int8 kernel (fbgemm) chooses for a range
+  (:func:`activation_qparams`) and its rounding, ``round_half_even(fma(x, 1 / scale, zero_point))``.
+  The kernel quantizes dynamic activations exactly so (``reduce_range``: 8-bit activations would
+  overflow the int16 pair sums of its AVX2 multiply-add); static activations use the observed
+  range and are clamped to ``[0, 127]`` before they reach the kernel, for the same reason.
 """
 
 from __future__ import annotations
@@ -25,16 +30,25 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "ACTIVATION_QMAX",
     "EPS",
-    "fake_quantize_activation_per_token",
+    "activation_qparams",
+    "fake_quantize_activation_dynamic",
     "fake_quantize_activation_static",
+    "fake_quantize_rows",
     "fake_quantize_weight",
     "static_qparams",
     "weight_scale",
 ]
 
-#: Smallest scale: an all-zero channel (fully pruned row) gets this scale and stays zero.
+#: Smallest weight scale: an all-zero channel (fully pruned row) gets this scale and stays zero.
 EPS = 1e-8
+
+#: Largest quantized activation value: 7-bit activations, as the x86 int8 kernels use them.
+ACTIVATION_QMAX = 127
+
+# fbgemm's ChooseQuantizationParams: a smaller scale is raised to this one (a float32 constant).
+_SMALL_SCALE = float(torch.tensor(6.1e-5, dtype=torch.float32))
 
 
 def _qmax(bits: int) -> int:
@@ -125,51 +139,96 @@ def fake_quantize_weight(
     return out.reshape(weight.shape)
 
 
-def fake_quantize_activation_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Symmetric dynamic fake quantization with one scale per token (row of the last
-    dimension), straight-through gradient."""
+def fake_quantize_rows(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Symmetric fake quantization with one scale per row of the last dimension (an embedding
+    table's rows, as they are looked up), straight-through gradient."""
     qmax = _qmax(bits)
     scale = _absmax(x.detach(), -1).float().clamp_(min=EPS).div_(qmax)
     return _symmetric(x, scale, qmax)
 
 
-def static_qparams(min_val: torch.Tensor, max_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Affine uint8 ``(scale, zero_point)`` for an observed range (extended to include 0, so that
-    zero is exact), as float32 and int32 scalars."""
-    lo = torch.clamp(min_val.float(), max=0.0)
-    hi = torch.clamp(max_val.float(), min=0.0)
-    scale = ((hi - lo) / 255.0).clamp(min=EPS)
-    zero_point = torch.clamp(torch.round(-lo / scale), 0, 255).to(torch.int32)
-    return scale.reshape(()), zero_point.reshape(())
+def activation_qparams(min_val: torch.Tensor, max_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine 7-bit ``(scale, zero_point)`` for the range ``[min_val, max_val]``, as float32 scalars.
+
+    This is fbgemm's ``ChooseQuantizationParams`` with ``reduce_range`` (the rule of torch's x86
+    ``quantized::linear_dynamic``), computed with tensor operations (no host synchronization): the
+    range is extended to include 0 (zero is exact), ``scale = (max - min) / 127`` in double
+    precision then rounded to float32 (0.1 for an all-zero range; raised to ``6.1e-5`` with the
+    range widened alike when smaller), ``zero_point = round(-min / scale)`` in ``[0, 127]``.
+    """
+    lo = torch.clamp(min_val.detach().float().reshape(()), max=0.0)
+    hi = torch.clamp(max_val.detach().float().reshape(()), min=0.0)
+    scale = (hi.double() - lo.double()) / ACTIVATION_QMAX
+    as_float = scale.float()
+    degenerate = (as_float == 0) | torch.isinf(as_float.reciprocal())
+    scale = torch.where(degenerate, torch.full_like(scale, 0.1), scale)
+    small = scale < _SMALL_SCALE
+    # A scale below the threshold is raised to it and the range widened by the same factor
+    # (float32 arithmetic, as fbgemm does); only the lower end matters for the zero point.
+    amplifier = torch.tensor(_SMALL_SCALE, dtype=torch.float32, device=lo.device) / scale.float()
+    widened = torch.where(hi == 0, torch.full_like(lo, -_SMALL_SCALE * ACTIVATION_QMAX), lo * amplifier)
+    lo = torch.where(small & (lo != 0), widened, lo)
+    scale = torch.where(small, torch.full_like(scale, _SMALL_SCALE), scale)
+    zero_point = torch.round(-lo.double() / scale).clamp_(0, ACTIVATION_QMAX)
+    return scale.float(), zero_point.float()
 
 
-def _round_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    q = torch.mul(x, scale.reciprocal()).round_().add_(zero_point)
-    return q
+#: The observed-range rule of static activations is the kernel's rule for dynamic ones.
+static_qparams = activation_qparams
+
+
+def _quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    # ``round(fma(x, 1 / scale, zero_point))``: ``addcmul`` computes ``zero_point + x * inv`` with
+    # one rounding, as the kernel's vectorized quantization does (a separate multiply and add
+    # differ from it at near-ties).
+    inv = scale.reciprocal()
+    return torch.addcmul(zero_point.expand_as(x), x, inv.expand_as(x)).round_()
 
 
 class _AffineSTE(torch.autograd.Function):
-    """Affine uint8 fake quantization; the gradient passes where ``x`` was inside the range."""
+    """Affine 7-bit fake quantization; the gradient passes where ``x`` was inside the range
+    (``masked``), or everywhere when the range is the tensor's own (``masked=False``: nothing is
+    clipped)."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point):  # type: ignore[override]
-        q = _round_affine(x, scale, zero_point)
-        ctx.save_for_backward((q >= 0) & (q <= 255))
-        out = q.clamp_(0, 255).sub_(zero_point).mul_(scale)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+    def forward(ctx, x, scale, zero_point, masked):  # type: ignore[override]
+        q = _quantize_affine(x, scale, zero_point)
+        if masked:
+            ctx.save_for_backward((q >= 0) & (q <= ACTIVATION_QMAX))
+        ctx.masked = masked
+        out = q.clamp_(0, ACTIVATION_QMAX).sub_(zero_point).mul_(scale)
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
+        if not ctx.masked:
+            return grad, None, None, None
         (inside,) = ctx.saved_tensors
-        return grad * inside, None, None
+        return grad * inside, None, None, None
+
+
+def _affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, masked: bool) -> torch.Tensor:
+    xf = x if x.dtype == torch.float32 else x.float()
+    if x.requires_grad and torch.is_grad_enabled():
+        out = _AffineSTE.apply(xf, scale, zero_point, masked)
+    else:
+        out = _quantize_affine(xf, scale, zero_point).clamp_(0, ACTIVATION_QMAX).sub_(zero_point).mul_(scale)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def fake_quantize_activation_dynamic(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic fake quantization as the x86 int8 kernel quantizes its input: one affine 7-bit
+    scale and zero point for the whole tensor, from its own min and max
+    (:func:`activation_qparams`); straight-through gradient (nothing is clipped)."""
+    lo, hi = torch.aminmax(x.detach())
+    scale, zero_point = activation_qparams(lo, hi)
+    return _affine(x, scale, zero_point, masked=False)
 
 
 def fake_quantize_activation_static(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 ) -> torch.Tensor:
-    """Affine uint8 per-tensor fake quantization with fixed qparams; the gradient is passed
-    straight through inside the range and zeroed where ``x`` is clipped."""
-    if x.requires_grad and torch.is_grad_enabled():
-        return _AffineSTE.apply(x, scale, zero_point)
-    out = _round_affine(x, scale, zero_point).clamp_(0, 255).sub_(zero_point).mul_(scale)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    """Affine 7-bit per-tensor fake quantization with fixed qparams (from
+    :func:`static_qparams`); the gradient is passed straight through inside the range and zeroed
+    where ``x`` is clipped."""
+    return _affine(x, scale.float(), zero_point.float(), masked=True)

@@ -15,6 +15,13 @@ present, ``<name>.bias``, ``<name>.input_scale``, ``<name>.input_zero_point``. T
 4-bit layer (``config["weight_bits"] == 4``) is stored packed, two values per byte: a uint8 tensor
 of ``ceil(numel / 2)`` bytes, element ``2i`` in the low nibble and ``2i + 1`` in the high one, each
 as its two's complement; the layer entry's ``"int4_shape"`` gives the unpacked shape.
+
+A language-model head tied to its input embedding shares the embedding's ``weight`` and
+``weight_scale`` tensors; :func:`lightning_shrink.export` writes them once and records the head's
+names as aliases of the embedding's, and :func:`lightning_shrink.load` makes them one tensor again.
+
+A damaged section (an unknown layer class, a missing or malformed entry, a missing tensor) is a
+``ValueError`` naming the layer.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import torch
 from torch import nn
 
 from lightning_shrink.hookspecs import hookimpl
-from lightning_shrink.quantization.modules import INT8_CLASSES, convert_module, is_converted, is_prepared
+from lightning_shrink.quantization.fake_layers import is_prepared
+from lightning_shrink.quantization.int8_layers import INT8_CLASSES, convert_modules, is_converted
 from lightning_shrink.types import ReportRow
 
 if TYPE_CHECKING:
@@ -64,22 +72,38 @@ def unpack_int4(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return torch.where(nibbles > 7, nibbles - 16, nibbles).to(torch.int8).reshape(shape)
 
 
+def _layer_tensor_names(layer: Mapping[str, Any]) -> list[str]:
+    """The tensors an int8 layer's state holds, from its class and config."""
+    config = layer["config"]
+    names = ["weight", "weight_scale"]
+    if layer["class"] in ("Int8Linear", "Int8Conv"):
+        if config.get("bias", True):
+            names.append("bias")
+        if config.get("activations") == "static":
+            names += ["input_scale", "input_zero_point"]
+    return names
+
+
 @hookimpl
 def shrink_convert(model: nn.Module) -> None:
-    for name, module in [(n, m) for n, m in model.named_modules() if n and is_prepared(m)]:
-        _set_submodule(model, name, convert_module(module))
+    """Replace every fake-quantized layer by its int8 layer (a tied head shares its table's)."""
+    for name, module in convert_modules(model).items():
+        _set_submodule(model, name, module)
 
 
 @hookimpl(tryfirst=True)
 def shrink_export(
     model: nn.Module, tensors: MutableMapping[str, torch.Tensor], metadata: MutableMapping[str, Any]
 ) -> None:
+    """Write prepared and converted layers as int8 values and scales (int4 packed, tied tables once)."""
+    converted = convert_modules(model)
     layers: dict[str, Any] = {}
+    packed: dict[int, torch.Tensor] = {}  # by the int8 weight: a shared table is packed once
     for name, module in model.named_modules():
         if not name:
             continue
-        if is_prepared(module):
-            int8 = convert_module(module)
+        if name in converted:
+            int8 = converted[name]
             for key in [*module._parameters, *module._buffers]:
                 tensors.pop(f"{name}.{key}", None)
             for key, value in int8.state_dict().items():
@@ -91,43 +115,79 @@ def shrink_export(
         layers[name] = {"class": type(int8).__name__, "config": int8.config()}
         if int8.weight_bits == 4:
             layers[name]["int4_shape"] = list(int8.weight.shape)
-            tensors[f"{name}.weight"] = pack_int4(tensors[f"{name}.weight"])
+            if id(int8.weight) not in packed:
+                packed[id(int8.weight)] = pack_int4(int8.weight)
+            tensors[f"{name}.weight"] = packed[id(int8.weight)]
     if layers:
         metadata[METADATA_KEY] = {"format_version": FORMAT_VERSION, "layers": layers}
 
 
+def _damaged(name: str, problem: str) -> ValueError:
+    return ValueError(
+        f"export: quantized layer {name!r}: {problem}; the file is damaged or was written by another tool"
+    )
+
+
 def _layers(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The export's quantized layers, each entry checked (see the module docs)."""
     section = metadata.get(METADATA_KEY)
     if not section:
         return {}
+    if not isinstance(section, Mapping):
+        raise ValueError(f"export: `{METADATA_KEY}` in shrink_config.json must be an object, got {section!r}")
     if section.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"export written with quantization format version {section.get('format_version')!r}; this "
             f"lightning-shrink reads version {FORMAT_VERSION}"
         )
-    return section["layers"]
+    layers = section.get("layers")
+    if not isinstance(layers, Mapping):
+        raise ValueError(
+            f"export: `{METADATA_KEY}.layers` in shrink_config.json must map layer names to entries, "
+            f"got {layers!r}"
+        )
+    for name, layer in layers.items():
+        if not isinstance(layer, Mapping):
+            raise _damaged(name, f"its entry must be an object, got {layer!r}")
+        if layer.get("class") not in INT8_CLASSES:
+            raise _damaged(
+                name, f"unknown quantized class {layer.get('class')!r} (known: {sorted(INT8_CLASSES)})"
+            )
+        if not isinstance(layer.get("config"), Mapping):
+            raise _damaged(name, f"its `config` must be an object, got {layer.get('config')!r}")
+        shape = layer.get("int4_shape")
+        if "int4_shape" in layer and not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise _damaged(name, f"`int4_shape` must be a list of non-negative ints, got {shape!r}")
+    return dict(layers)
 
 
 @hookimpl(trylast=True)
 def shrink_load(tensors: MutableMapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
+    """Unpack int4 weights and check every int8 layer's tensors (trylast: after sparse decoding)."""
+    aliases = metadata.get("aliases", {})
     for name, layer in _layers(metadata).items():
-        if layer["class"] not in INT8_CLASSES:
-            raise ValueError(f"export: layer {name!r} has unknown quantized class {layer['class']!r}")
-        weight, scale = tensors.get(f"{name}.weight"), tensors.get(f"{name}.weight_scale")
-        if weight is not None and "int4_shape" in layer:
+        for tensor in _layer_tensor_names(layer):
+            key = f"{name}.{tensor}"
+            if key not in tensors and key not in aliases:  # an alias is its source's tensor
+                raise _damaged(name, f"the tensor {key!r} is missing")
+        weight = tensors.get(f"{name}.weight")
+        if weight is None:
+            continue
+        if "int4_shape" in layer:
             try:
                 weight = tensors[f"{name}.weight"] = unpack_int4(weight, layer["int4_shape"])
             except ValueError as exc:
-                raise ValueError(f"export: quantized layer {name!r}: {exc}") from exc
-        if weight is None or scale is None or weight.dtype != torch.int8:
-            raise ValueError(
-                f"export: quantized layer {name!r} needs an int8 '{name}.weight' and a "
-                f"'{name}.weight_scale' tensor; the file is damaged or was written by another tool"
-            )
+                raise _damaged(name, str(exc)) from exc
+        if weight.dtype != torch.int8:
+            raise _damaged(name, f"it needs an int8 '{name}.weight', got {weight.dtype}")
 
 
 @hookimpl
 def shrink_load_model(model: nn.Module, metadata: Mapping[str, Any]) -> None:
+    """Put the int8 layers back into the rebuilt float architecture."""
     for name, layer in _layers(metadata).items():
         try:
             model.get_submodule(name)
@@ -135,23 +195,29 @@ def shrink_load_model(model: nn.Module, metadata: Mapping[str, Any]) -> None:
             raise ValueError(
                 f"export: quantized layer {name!r} does not exist in the rebuilt {type(model).__name__}"
             ) from exc
-        _set_submodule(model, name, INT8_CLASSES[layer["class"]].from_config(layer["config"]))
+        try:
+            int8 = INT8_CLASSES[layer["class"]].from_config(dict(layer["config"]))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise _damaged(
+                name, f"its config {dict(layer['config'])} does not build a {layer['class']}: {exc}"
+            ) from exc
+        _set_submodule(model, name, int8)
 
 
 @hookimpl
 def shrink_report_rows(trainer: pl.Trainer | None, model: nn.Module) -> list[ReportRow] | None:
-    prepared = [m for m in model.modules() if is_prepared(m)]
+    """Report int8 layers, and a bare model's fake-quantized layers under their owners' names."""
+    rows: list[ReportRow] = []
+    if trainer is None:  # with a Trainer, each QuantizationAwareTraining reports its own layers
+        owners: dict[str, list[nn.Module]] = {}
+        for m in model.modules():
+            if is_prepared(m):
+                owners.setdefault(m.shrink_qat.owner, []).append(m)
+        for owner, prepared in owners.items():
+            bits = sorted({m.shrink_qat.weight_bits for m in prepared})
+            rows.append(ReportRow(owner, "fake-quantized layers", len(prepared)))
+            rows.append(ReportRow(owner, "weight bits", bits[0] if len(bits) == 1 else bits))
     converted = [m for m in model.modules() if is_converted(m)]
-    if not prepared and not converted:
-        return None
-    rows = []
-    if prepared:
-        bits = sorted({m.shrink_qat.weight_bits for m in prepared})
-        rows.append(ReportRow("quantization", "fake-quantized layers", len(prepared)))
-        rows.append(ReportRow("quantization", "weight bits", bits[0] if len(bits) == 1 else bits))
-        tables = [m for m in prepared if isinstance(m, nn.Embedding)]
-        if tables:
-            rows.append(ReportRow("quantization", "embedding bits", tables[0].shrink_qat.embedding_bits))
     if converted:
         rows.append(ReportRow("quantization", "int8 layers", len(converted)))
-    return rows
+    return rows or None
