@@ -101,13 +101,13 @@ def _fake_quantization_problems(pl_module: nn.Module) -> list[str]:
             problems.append(
                 f"{name} is fake-quantized with static activation ranges (QuantizationAwareTraining("
                 "activations='static')), observed from the private training batches and kept in the model "
-                "without noise; use activations='dynamic' or None"
+                "without noise; use activations=None (weight-only fake quantization)"
             )
         elif activations == "dynamic" and getattr(module, "dynamic_granularity", "per_token") != "per_token":
             problems.append(
                 f"{name} ({type(module).__name__}) fake-quantizes its input with one dynamic scale per "
                 "tensor, which is computed over the whole batch and so mixes examples; use activations=None "
-                "for convolutions (exclude_modules) or keep them in float"
+                "(weight-only fake quantization) or keep the layer in float (exclude_modules)"
             )
     return problems
 

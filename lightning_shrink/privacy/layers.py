@@ -79,7 +79,7 @@ def batch_dim(module: nn.Module, x: torch.Tensor, batch_first: bool) -> int:
 
 def is_fake_quantized(module: nn.Module) -> bool:
     """Whether ``module`` is a layer prepared by quantization-aware training."""
-    from lightning_shrink.quantization.modules import is_prepared
+    from lightning_shrink.quantization import is_prepared
 
     return is_prepared(module)
 
@@ -88,7 +88,7 @@ def weight_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The tensor ``module``'s weight multiplies when ``module`` is called on ``x``.
 
     For a fake-quantized linear layer or convolution this recomputes what its forward computed
-    from ``x`` (``_fake_input`` of :mod:`lightning_shrink.quantization.modules`, which updates
+    from ``x`` (``_fake_input`` of :mod:`lightning_shrink.quantization.fake_layers`, which updates
     nothing for the weight-only and dynamic settings :mod:`lightning_shrink.privacy.checks`
     allows); every other layer's weight multiplies ``x`` itself.
     """
