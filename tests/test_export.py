@@ -150,11 +150,12 @@ def test_tied_weights_are_written_once_and_retied(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
 
-    # Quantized: the embedding becomes int8, the tied head stays float (it shares the tensor).
+    # Quantized: the embedding becomes int8 and the tied head computes with the same int8 table,
+    # written once (tests/test_quantization_export.py covers Llama, Qwen2 and GPT-2).
     prepare_qat(model)
-    assert not hasattr(model.lm_head, "shrink_qat")
     loaded = ls.load(ls.export(model, tmp_path / "int8"))
-    assert isinstance(loaded.transformer.wte, Int8Embedding) and type(loaded.lm_head) is nn.Linear
+    assert isinstance(loaded.transformer.wte, Int8Embedding) and isinstance(loaded.lm_head, Int8Linear)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
 
 
 def test_shrink_export_failure_leaves_nothing_and_overwrite_is_explicit(tmp_path):

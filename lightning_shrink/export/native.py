@@ -307,10 +307,13 @@ def _load(
 
 
 def _retie(model: nn.Module, metadata: Mapping[str, Any]) -> None:
-    """Make aliased float parameters one Parameter again (``load_state_dict`` copies values)."""
+    """Make aliased tensors one tensor again (``load_state_dict`` copies values): float Parameters,
+    and buffers such as the int8 table a tied language-model head shares with its embedding."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
     for alias, source in metadata.get("aliases", {}).items():
-        if alias in params and source in params and params[alias] is not params[source]:
-            module_name, _, attr = alias.rpartition(".")
-            owner = model.get_submodule(module_name) if module_name else model
-            setattr(owner, attr, params[source])
+        for tensors in (params, buffers):
+            if alias in tensors and source in tensors and tensors[alias] is not tensors[source]:
+                module_name, _, attr = alias.rpartition(".")
+                owner = model.get_submodule(module_name) if module_name else model
+                setattr(owner, attr, tensors[source])

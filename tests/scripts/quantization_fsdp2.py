@@ -1,29 +1,48 @@
-"""QAT under FSDP2 (ModelParallelStrategy + fully_shard), devices=2 on CPU (run by
-tests/test_quantization.py): each rank saves its gathered weights and the sharded model's outputs,
-and the same outputs recomputed by an unsharded copy prepared the same way."""
+"""QAT under FSDP2 (ModelParallelStrategy + fully_shard), devices=2 on CPU, on a model built and
+sharded in ``configure_model`` (run by tests/test_quantization_distributed.py): each rank saves
+its gathered weights and the sharded model's outputs, and the same outputs recomputed by an
+unsharded copy prepared the same way."""
 
 import sys
 from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 import lightning_shrink as ls
 from lightning_shrink.quantization import is_prepared, prepare_qat
-from lightning_shrink.testing.models import (
-    ShardedTinyClassifier,
-    TinyClassifier,
-    cpu_trainer,
-    random_classification_data,
-)
+from lightning_shrink.testing.models import TinyClassifier, cpu_trainer, random_classification_data
+
+
+class BuiltAndShardedInConfigureModel(TinyClassifier):
+    """:class:`TinyClassifier` whose layers do not exist before ``configure_model``, which builds
+    and then shards them (each Linear, then the whole module)."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=36, optimizer="adamw", lr=0.01)
+        del self.net, self.classifier
+        self.net: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        if self.net is not None:
+            return
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(16, 36), nn.ReLU(), nn.Linear(36, 36), nn.ReLU())
+        self.classifier = nn.Linear(36, 2)
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (*self.net, self.classifier):
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
 
 out = Path(sys.argv[1])
-
-
-torch.manual_seed(0)
-model = ShardedTinyClassifier(hidden=36, optimizer="adamw", lr=0.01)
+model = BuiltAndShardedInConfigureModel()
 qat = ls.QuantizationAwareTraining(weight_bits=8, activations="dynamic")
 strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 trainer = cpu_trainer(callbacks=[qat], strategy=strategy, devices=2, max_steps=6)
@@ -45,7 +64,7 @@ reference = TinyClassifier(hidden=36)
 reference.load_state_dict(weights)
 with torch.no_grad():
     float_out = reference(x)
-    prepare_qat(reference, qat.settings)
+    prepare_qat(reference, qat.config)
     reference_out = reference(x)
     converted_out = ls.convert(reference)(x)
 torch.save(
