@@ -152,6 +152,28 @@ def test_masks_never_regrow():
     assert not new[0].any() and int((~new).sum()) == round(0.3 * 64)
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "rows"])
+def test_masks_from_other_scores_than_magnitudes(pattern):
+    torch.manual_seed(6)
+    w = torch.randn(16, 32)
+    sparsity = 0.5 if pattern != "rows" else 0.25
+    default = _masks([w], pattern, sparsity)
+    keeps, one = [torch.ones_like(w, dtype=torch.bool)], [w.numel()]
+    explicit = compute_masks(
+        [w], keeps, [False], one, sparsity, parse_pattern(pattern), Comm(), scores=[w.abs()]
+    )
+    assert torch.equal(default[0], explicit[0])
+    # another importance (here: the inverse magnitude) ranks the weights instead; the scores are not changed
+    scores = [1.0 / (w.abs() + 1e-3)]
+    given = scores[0].clone()
+    (inverse,) = compute_masks(
+        [w], keeps, [False], one, sparsity, parse_pattern(pattern), Comm(), scores=scores
+    )
+    assert torch.equal(scores[0], given) and int((~inverse).sum()) == int((~default[0]).sum())
+    if pattern == "unstructured":
+        assert w.abs()[~inverse].min() >= w.abs()[inverse].max()
+
+
 # ---------------------------------------------------------------------------------------- training
 
 

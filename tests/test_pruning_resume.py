@@ -93,6 +93,9 @@ def test_resume_with_an_earlier_end_step_is_refused_before_the_first_step(origin
         (dict(schedule="linear"), "`schedule` was 'cubic', is 'linear'"),
         (dict(modules=["net.0"]), "`modules` was None, is ['net.0']"),
         (dict(sparsity_overrides={"net.0": 0.5}), "`sparsity_overrides` was [], is [['net.0', 0.5]]"),
+        (dict(initial_sparsity=0.1), "`initial_sparsity` was 0.0, is 0.1"),
+        (dict(prune_output_layer=True), "`prune_output_layer` was False, is True"),
+        (dict(parameter_names=("weight", "bias")), "`parameter_names` was ['weight'], is ['weight', 'bias']"),
         (dict(max_epochs=4), "(the run's length changed from 24 to 32 optimizer steps"),
     ],
 )
@@ -152,3 +155,20 @@ def test_a_callable_schedule_below_the_target_says_so_and_a_reached_target_is_qu
         trainer.fit(TinyClassifier(), _loader())
     rows = {r.metric: r.value for r in lightning_shrink.report(trainer).rows if r.target == "pruned layers"}
     assert rows["target reached"] is True
+
+
+def test_a_checkpoint_of_the_first_state_version_resumes_and_is_checked(original, tmp_path):
+    directory, model_a, cb_a = original
+    checkpoint = torch.load(directory / "epoch=0.ckpt", weights_only=False)
+    state = checkpoint["lightning_shrink"]["pruning"]
+    for key in ("technique", "config", "targets", "total_steps"):  # what version 1 did not write
+        del state[key]
+    state["version"] = 1
+    torch.save(checkpoint, tmp_path / "v1.ckpt")
+    model_b, cb_b, _ = _fit(tmp_path, ckpt_path=tmp_path / "v1.ckpt")
+    _assert_same_run(model_a, cb_a, model_b, cb_b)
+    # its resolved schedule and masked parameters are still compared
+    with pytest.raises(ValueError, match=r"resolved to \(2, 21, 3\) optimizer steps, now \(2, 6, 3\)"):
+        _fit(tmp_path, ckpt_path=tmp_path / "v1.ckpt", end_step=6)
+    with pytest.raises(ValueError, match=r"the selected parameters differ \(1: \['net\.2\.weight'\]\)"):
+        _fit(tmp_path, ckpt_path=tmp_path / "v1.ckpt", modules="net.0")

@@ -101,19 +101,20 @@ def _matrix(t: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 
 def _units(
-    score: torch.Tensor, keep: torch.Tensor, transposed: bool, pattern: Pattern
+    score: torch.Tensor, keep: torch.Tensor, transposed: bool, pattern: Pattern, owned: bool
 ) -> tuple[torch.Tensor, int]:
     """Keys of the prunable units of one (local) parameter, from its weights' scores, and the size of
-    a unit."""
+    a unit. ``owned``: the scores are a temporary that may be overwritten (no second copy)."""
+    fill = torch.Tensor.masked_fill_ if owned else torch.Tensor.masked_fill
     if pattern.kind == "unstructured":
-        return score.reshape(-1).masked_fill(~keep.reshape(-1), PRUNED), 1
+        return fill(score.reshape(-1), ~keep.reshape(-1), PRUNED), 1
     mat, kmat = _matrix(score, transposed), _matrix(keep, transposed)
     if pattern.kind == "rows":
         rms = mat.pow(2).mean(dim=1).sqrt()
         keys = rms.masked_fill_(~kmat.any(dim=1), PRUNED)
         return keys, mat.shape[1]
     m, drop = pattern.m, pattern.m - pattern.n
-    keys = mat.masked_fill(~kmat, PRUNED).reshape(mat.shape[0], -1, m)
+    keys = fill(mat, ~kmat, PRUNED).reshape(mat.shape[0], -1, m)
     order = torch.argsort(keys, dim=-1, stable=True)
     candidate = torch.zeros_like(keys, dtype=torch.bool).scatter_(-1, order[..., :drop], True)
     return keys.masked_fill_(~candidate, FORBIDDEN).reshape(-1), 1
@@ -229,9 +230,13 @@ def compute_masks(
     if pattern.kind == "nm":
         k = min(k, total * (pattern.m - pattern.n) // pattern.m)
     k = min(k, total)
-    if scores is None:
-        scores = [magnitude(w) for w in weights]
-    units = [_units(s, keep, t, pattern) for s, keep, t in zip(scores, keeps, transposed, strict=True)]
+    if scores is None:  # one magnitude tensor at a time, overwritten into its keys
+        units = [
+            _units(magnitude(w), k, t, pattern, True)
+            for w, k, t in zip(weights, keeps, transposed, strict=True)
+        ]
+    else:
+        units = [_units(s, k, t, pattern, False) for s, k, t in zip(scores, keeps, transposed, strict=True)]
     if pattern.kind == "rows":
         pruned = _select_weighted([u for u, _ in units], [s for _, s in units], k, comm)
     else:
