@@ -30,7 +30,6 @@ NOT_YET_CHECKED = {
     "demo.md",
     "distillation.md",
     "hooks.md",
-    "privacy.md",
     "pruning.md",
     "quantization.md",
     "testing.md",
