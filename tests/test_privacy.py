@@ -14,8 +14,8 @@ import pytest
 import torch
 from opacus.accountants import create_accountant
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from privacy_reference import per_example_reference
 from torch import nn
-from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -217,21 +217,6 @@ def test_without_poisson_sampling_the_loader_is_kept_and_the_guarantee_disclaime
 # ---------------------------------------------------------------------------- clipping
 
 
-def _reference_clipped_grads(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float
-) -> tuple[dict, torch.Tensor]:
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def loss(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
-
-    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    norms = torch.stack([g.reshape(len(x), -1).norm(dim=1) for g in per_sample.values()], 1).norm(dim=1)
-    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
-    clipped = {k: torch.einsum("b,b...->...", factor, g) for k, g in per_sample.items()}
-    return clipped, norms
-
-
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_every_per_sample_gradient_is_clipped_before_noise(mode: str) -> None:
     model = TinyClassifier()
@@ -243,7 +228,7 @@ def test_every_per_sample_gradient_is_clipped_before_noise(mode: str) -> None:
     )
     fit(model, loader(), dp, recorder, max_steps=1)
     x, y = recorder.batches[0]
-    clipped, norms = _reference_clipped_grads(initial, x, y, clip)
+    norms, clipped = per_example_reference(initial, x, y, clip)
     assert (norms > clip).all()  # every example was clipped: the bound is what is being tested
     torch.testing.assert_close(dp.plugin.last_per_sample_norms, norms, rtol=1e-4, atol=1e-6)
     # Each example's clipped gradient has norm <= max_grad_norm...

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from opacus.accountants import create_accountant
-from torch.func import functional_call, grad, vmap
-from torch.nn import functional as F
+from privacy_reference import per_example_reference
 
 from lightning_shrink.testing.distributed import run_multiprocess_script
 from lightning_shrink.testing.models import TinyClassifier
@@ -101,15 +100,7 @@ SCRIPT = textwrap.dedent(
 def _clipped_sum(state: dict, x: torch.Tensor, y: torch.Tensor, clip: float) -> dict[str, torch.Tensor]:
     model = TinyClassifier()
     model.load_state_dict(state)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def loss(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
-
-    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    norms = torch.stack([g.reshape(len(x), -1).norm(dim=1) for g in per_sample.values()], 1).norm(dim=1)
-    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
-    return {k: torch.einsum("b,b...->...", factor, g) for k, g in per_sample.items()}
+    return per_example_reference(model, x, y, clip)[1]
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from privacy_reference import per_example_reference
 from torch import nn
-from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -66,15 +66,7 @@ def fit(
 def reference(model: nn.Module, batch: Any, clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-example gradient norms and the clipped sum, by ``torch.func`` over the batch's examples."""
     x, y = batch
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def loss(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
-
-    per_example = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    norms = torch.stack([g.reshape(len(x), -1).norm(dim=1) for g in per_example.values()], 1).norm(dim=1)
-    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
-    return norms, {k: torch.einsum("b,b...->...", factor, g) for k, g in per_example.items()}
+    return per_example_reference(model, x, y, clip)
 
 
 def assert_matches_reference(dp: DifferentialPrivacy, recorder: Recorder, initial: nn.Module) -> None:

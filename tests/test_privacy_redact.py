@@ -138,3 +138,15 @@ def test_entry_point_is_declared_and_reads_its_configuration(shrink_redact, monk
     assert plugin.fields == {"email": "hash", "user_id": "drop"} and plugin.active
     monkeypatch.delenv("SHRINK_REDACT_FIELDS")
     assert not cls().active
+
+
+def test_report_rows_carry_the_registered_name(shrink_redact) -> None:
+    from lightning_shrink.manager import get_plugin_manager
+
+    redact = shrink_redact.RedactFields(fields={"email": "mask"})
+    pm = get_plugin_manager()
+    pm.register(redact, "team-redact")
+    trainer = cpu_trainer(callbacks=[ShrinkCallback(pluginmanager=pm)], max_steps=1)
+    trainer.fit(SeeingClassifier(), DataLoader(People(), batch_size=8))
+    assert redact.name == "team-redact"
+    assert {r.technique for r in report(trainer).rows if r.metric == "fields"} == {"team-redact"}

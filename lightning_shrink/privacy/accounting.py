@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from lightning.pytorch.utilities import rank_zero_warn
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from lightning_shrink.config import resolve_step
 from lightning_shrink.privacy.errors import PrivacyError
 
-__all__ = ["PrivacyAccount"]
+if TYPE_CHECKING:
+    from lightning_shrink.privacy.config import PrivacyConfig
+
+__all__ = ["PrivacyAccount", "calibrate_noise", "plan_budget"]
 
 _PREFIX = "DifferentialPrivacy"
 
@@ -109,3 +115,51 @@ def calibrate_noise(
         raise PrivacyError(
             f"{_PREFIX}: cannot calibrate noise for target_epsilon={target_epsilon} over {steps} steps: {exc}"
         ) from exc
+
+
+def plan_budget(
+    config: PrivacyConfig,
+    account: PrivacyAccount,
+    delta: float | None,
+    sample_rate: float,
+    dataset_size: int,
+    total_steps: float,
+) -> tuple[float, float | None, int | None]:
+    """``(delta, noise_multiplier, max_steps)`` of a fit that starts from ``account``.
+
+    ``delta`` defaults to ``1 / (10 N)``. With a ``target_epsilon`` the noise multiplier is
+    calibrated for the planned ``epochs`` or ``steps`` (a fraction of ``total_steps``, the run's
+    optimizer steps) and ``max_steps`` is the step count the budget allows; without one both are
+    ``None`` (the configured noise applies, no budget stop).
+
+    Raises:
+        PrivacyError: ``delta >= 1 / N``, no noise reaches the target, or the target is already spent.
+    """
+    n = dataset_size
+    if delta is None:
+        delta = 1.0 / (10 * n)
+    elif delta >= 1.0 / n:
+        raise PrivacyError(
+            f"{_PREFIX}: `delta`={delta} must be below 1/N = {1.0 / n:.3g} (N = {n} training examples): a "
+            "larger delta allows releasing an example outright"
+        )
+    if config.target_epsilon is None:
+        if config.noise_multiplier == 0:
+            rank_zero_warn(
+                f"{_PREFIX}: noise_multiplier=0 adds no noise: the run is clipped but NOT private (epsilon "
+                "is infinite)"
+            )
+        return delta, None, None
+    if config.steps is not None:
+        planned = resolve_step(_PREFIX, "steps", config.steps, total_steps, minimum=1)
+    else:
+        assert config.epochs is not None
+        planned = round(config.epochs / sample_rate)
+    noise = calibrate_noise(config.target_epsilon, delta, sample_rate, planned, config.accountant)
+    remaining = account.max_extra_steps(config.target_epsilon, delta, noise, sample_rate)
+    if remaining == 0:
+        raise PrivacyError(
+            f"{_PREFIX}: target_epsilon={config.target_epsilon} is already spent (epsilon="
+            f"{account.epsilon(delta):.4g} after {account.steps} step(s)); no further step is allowed"
+        )
+    return delta, noise, account.steps + remaining

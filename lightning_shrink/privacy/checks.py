@@ -1,11 +1,15 @@
 """Everything that would make a run less private than reported, refused at fit start.
 
 Each function raises :class:`~lightning_shrink.privacy.errors.PrivacyError` listing every problem
-it finds, before the data, the optimizer or the model are touched.
+it finds. The plugin calls the checks of the run and the model before it touches the data, the
+optimizer or the model, and the checks of a resumed checkpoint once the sample rate and the noise
+are known; all of them before the first step.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,7 +23,14 @@ from lightning_shrink.privacy.errors import PrivacyError
 from lightning_shrink.privacy.layers import is_fake_quantized, trainable_direct, uncovered_parameters
 from lightning_shrink.privacy.opacus_hooks import FLOAT_RULES
 
-__all__ = ["check_hooks_engine", "check_model", "check_run", "warn_compositions"]
+__all__ = [
+    "check_checkpoint_covered",
+    "check_hooks_engine",
+    "check_model",
+    "check_resumed_configuration",
+    "check_run",
+    "warn_compositions",
+]
 
 _PREFIX = "DifferentialPrivacy"
 
@@ -167,6 +178,63 @@ def check_hooks_engine(pl_module: pl.LightningModule) -> None:
                 "bias, which its per-sample rule does not compute: register them on a module of their own"
             )
     _fail("grad_sample_mode='hooks' cannot clip this model", problems)
+
+
+#: What a resumed run must keep from its checkpoint, with the words that name it in a refusal.
+KEPT_ON_RESUME: tuple[tuple[str, str], ...] = (
+    ("accountant", "accountant"),
+    ("noise_multiplier", "noise_multiplier"),
+    ("max_grad_norm", "max_grad_norm (clipping norm)"),
+    ("sample_rate", "sample rate (batch size x processes / examples)"),
+    ("dataset_size", "number of training examples"),
+    ("delta", "delta"),
+    ("poisson_sampling", "poisson_sampling"),
+)
+
+
+def check_checkpoint_covered(name: str, accounted_steps: int, checkpoint_steps: int) -> None:
+    """Refuse a resumed checkpoint that took optimizer steps the privacy account does not cover."""
+    if accounted_steps < checkpoint_steps:
+        raise PrivacyError(
+            f"{_PREFIX}: the checkpoint has taken {checkpoint_steps} optimizer step(s), of which the privacy "
+            f"account of {name!r} covers {accounted_steps}: the others were trained without "
+            "DifferentialPrivacy (or under another name), so an epsilon reported from here would leave them "
+            "out; resume only checkpoints written by this private run"
+        )
+
+
+def check_resumed_configuration(
+    saved: Mapping[str, Any], current: Mapping[str, Any], world_size: int
+) -> None:
+    """Refuse to continue a checkpoint's account with another mechanism, naming every change.
+
+    Args:
+        saved: The plugin's state in the checkpoint (older checkpoints lack some keys; the noise
+            multiplier and sample rate are then read from the last history entry).
+        current: This run's values of the keys of :data:`KEPT_ON_RESUME`.
+        world_size: This run's number of processes, for the message.
+    """
+    before = dict(saved)
+    history = saved.get("history") or []
+    if history:
+        before.setdefault("noise_multiplier", history[-1][0])
+        before.setdefault("sample_rate", history[-1][1])
+    changed = []
+    for key, words in KEPT_ON_RESUME:
+        old, new = before.get(key), current[key]
+        if old is None:
+            continue
+        floats = isinstance(old, float) and isinstance(new, float)
+        if not (math.isclose(old, new, rel_tol=1e-9) if floats else old == new):
+            changed.append(f"{words} {old!r} -> {new!r}")
+    if changed:
+        raise PrivacyError(
+            f"{_PREFIX}: the checkpoint was trained with another privacy configuration than this run: "
+            + "; ".join(changed)
+            + ". Continuing would account the checkpoint's steps and this run's as one mechanism they are "
+            "not; resume with the checkpoint's configuration (same noise or budget, clipping norm, batch "
+            f"size on {world_size} process(es), dataset, delta and accountant)"
+        )
 
 
 def warn_compositions(pluginmanager: Any) -> None:

@@ -33,6 +33,10 @@ __all__ = ["FLOAT_RULES", "HooksEngine"]
 FLOAT_RULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+# The owner shown for a parameter no hooked layer holds (Opacus then computes no per-sample gradient).
+_UNHOOKED = ("<not in a hooked layer>", nn.Identity())
+
+
 class _LayoutAwareHooks(GradSampleHooks):
     """Opacus' ``GradSampleHooks`` with a batch dimension per layer and float rules for QAT layers."""
 
@@ -124,7 +128,7 @@ class HooksEngine:
                 self.owners.setdefault(id(p), (names.get(module, "<root>") or "<root>", module))
 
     def _owner(self, p: torch.Tensor) -> tuple[str, nn.Module]:
-        return self.owners.get(id(p), ("<unhooked>", nn.Module()))
+        return self.owners.get(id(p), _UNHOOKED)
 
     def clip_and_accumulate(
         self, optimizer: DPOptimizer, examples: int, discard: bool = False

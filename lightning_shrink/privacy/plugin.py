@@ -15,7 +15,6 @@ any other plugin changes the gradients. Every Lightning internal it needs goes t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -29,7 +28,7 @@ from lightning_shrink.hookspecs import hookimpl
 from lightning_shrink.lightning import compat
 from lightning_shrink.lightning.technique import TechniquePlugin
 from lightning_shrink.privacy import checks, ghost
-from lightning_shrink.privacy.accounting import PrivacyAccount, calibrate_noise
+from lightning_shrink.privacy.accounting import PrivacyAccount, plan_budget
 from lightning_shrink.privacy.config import PrivacyConfig
 from lightning_shrink.privacy.data import PrivateData, take_over_training_data
 from lightning_shrink.privacy.errors import PrivacyError
@@ -41,17 +40,6 @@ from lightning_shrink.types import CommHook, ReportRow
 __all__ = ["PrivacyError", "PrivacyPlugin"]
 
 _PREFIX = "DifferentialPrivacy"
-
-# What a resumed run must keep from its checkpoint, with the words that name it in a refusal.
-_KEPT_ON_RESUME = (
-    ("accountant", "accountant"),
-    ("noise_multiplier", "noise_multiplier"),
-    ("max_grad_norm", "max_grad_norm (clipping norm)"),
-    ("sample_rate", "sample rate (batch size x processes / examples)"),
-    ("dataset_size", "number of training examples"),
-    ("delta", "delta"),
-    ("poisson_sampling", "poisson_sampling"),
-)
 
 
 class PrivacyPlugin(TechniquePlugin):
@@ -125,7 +113,7 @@ class PrivacyPlugin(TechniquePlugin):
         self._close()
         checks.check_run(trainer, pl_module, instances=1 + len(self.peers()))
         checks.check_model(pl_module)
-        self._check_checkpoint_covered()
+        checks.check_checkpoint_covered(self.name, self.account.steps, self._checkpoint_steps)
         self._data = take_over_training_data(trainer, self.config.poisson_sampling)
         self.dataset_size, self.sample_rate = self._data.dataset_size, self._data.sample_rate
         self._calibrate(trainer)
@@ -154,98 +142,35 @@ class PrivacyPlugin(TechniquePlugin):
             )
         )
 
-    def _check_checkpoint_covered(self) -> None:
-        if self.account.steps < self._checkpoint_steps:
-            raise PrivacyError(
-                f"{_PREFIX}: the checkpoint has taken {self._checkpoint_steps} optimizer step(s), of which "
-                f"the privacy account of {self.name!r} covers {self.account.steps}: the others were trained "
-                "without DifferentialPrivacy (or under another name), so an epsilon reported from here "
-                "would leave them out; resume only checkpoints written by this private run"
-            )
-
     def _calibrate(self, trainer: pl.Trainer) -> None:
-        n = self.dataset_size
-        assert n is not None and self.sample_rate is not None
-        if self.delta is None:
-            self.delta = 1.0 / (10 * n)
-        elif self.delta >= 1.0 / n:
-            raise PrivacyError(
-                f"{_PREFIX}: `delta`={self.delta} must be below 1/N = {1.0 / n:.3g} (N = {n} training "
-                "examples): a larger delta allows releasing an example outright"
-            )
-        config = self.config
-        if config.target_epsilon is None:
-            self.max_steps = None
-            if config.noise_multiplier == 0:
-                rank_zero_warn(
-                    f"{_PREFIX}: noise_multiplier=0 adds no noise: the run is clipped but NOT private "
-                    "(epsilon is infinite)"
-                )
-            return
-        if config.steps is not None:
-            planned = self._resolve_planned_steps(trainer)
-        else:
-            assert config.epochs is not None
-            planned = round(config.epochs / self.sample_rate)
-        self.noise_multiplier = calibrate_noise(
-            config.target_epsilon, self.delta, self.sample_rate, planned, config.accountant
+        assert self.dataset_size is not None and self.sample_rate is not None
+        self.delta, noise, self.max_steps = plan_budget(
+            self.config,
+            self.account,
+            self.delta,
+            self.sample_rate,
+            self.dataset_size,
+            float(trainer.estimated_stepping_batches),
         )
-        remaining = self.account.max_extra_steps(
-            config.target_epsilon, self.delta, self.noise_multiplier, self.sample_rate
-        )
-        if remaining == 0:
-            raise PrivacyError(
-                f"{_PREFIX}: target_epsilon={config.target_epsilon} is already spent "
-                f"(epsilon={self.epsilon:.4g} after {self.steps} step(s)); no further step is allowed"
-            )
-        self.max_steps = self.steps + remaining
-
-    def _resolve_planned_steps(self, trainer: pl.Trainer) -> int:
-        from lightning_shrink.config import resolve_step
-
-        assert self.config.steps is not None
-        return resolve_step(
-            _PREFIX, "steps", self.config.steps, float(trainer.estimated_stepping_batches), minimum=1
-        )
+        if noise is not None:
+            self.noise_multiplier = noise
 
     def _check_resumed_configuration(self, trainer: pl.Trainer) -> None:
-        saved = self._restored
-        if saved is None:
+        if self._restored is None:
             return
-        history = saved.get("history") or []
-        current = {
-            "accountant": self.config.accountant,
-            "noise_multiplier": self.noise_multiplier,
-            "max_grad_norm": self.config.max_grad_norm,
-            "sample_rate": self.sample_rate,
-            "dataset_size": self.dataset_size,
-            "delta": self.delta,
-            "poisson_sampling": self.config.poisson_sampling,
-        }
-        before = dict(saved)
-        if history:  # checkpoints without these keys still have them in the history's last entry
-            before.setdefault("noise_multiplier", history[-1][0])
-            before.setdefault("sample_rate", history[-1][1])
-        changed = []
-        for key, words in _KEPT_ON_RESUME:
-            if key not in before or before[key] is None:
-                continue
-            old, new = before[key], current[key]
-            same = (
-                math.isclose(old, new, rel_tol=1e-9)
-                if isinstance(old, float) and isinstance(new, float)
-                else old == new
-            )
-            if not same:
-                changed.append(f"{words} {old!r} -> {new!r}")
-        if changed:
-            raise PrivacyError(
-                f"{_PREFIX}: the checkpoint was trained with another privacy configuration than this run: "
-                + "; ".join(changed)
-                + ". Continuing would account the checkpoint's steps and this run's as one mechanism they "
-                "are not; resume with the checkpoint's configuration (same noise or budget, clipping norm, "
-                f"batch size on {trainer.world_size} process(es), dataset, delta and accountant)"
-            )
+        checks.check_resumed_configuration(
+            self._restored,
+            {
+                "accountant": self.config.accountant,
+                "noise_multiplier": self.noise_multiplier,
+                "max_grad_norm": self.config.max_grad_norm,
+                "sample_rate": self.sample_rate,
+                "dataset_size": self.dataset_size,
+                "delta": self.delta,
+                "poisson_sampling": self.config.poisson_sampling,
+            },
+            trainer.world_size,
+        )
 
     def _attach_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mode = self.config.grad_sample_mode

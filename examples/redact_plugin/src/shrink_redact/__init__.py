@@ -94,6 +94,8 @@ class RedactFields:
         self.missing_ok = missing_ok
         self.redacted_batches = 0
         self.redacted_values = 0
+        #: The name the plugin is registered under: the ``technique`` of its report rows.
+        self.name = "redact"
 
     @property
     def active(self) -> bool:
@@ -102,7 +104,14 @@ class RedactFields:
     # ------------------------------------------------------------------ hooks
 
     @hookimpl
+    def shrink_plugin_registered(self, plugin: Any, plugin_name: str) -> None:
+        """Learn the registered name (the entry point's, or the one given to ``register``)."""
+        if plugin is self and plugin_name != str(id(self)):  # pluggy names an unnamed plugin by id()
+            self.name = plugin_name
+
+    @hookimpl
     def shrink_fit_start(self) -> None:
+        """Say once what is redacted (or that nothing is configured)."""
         if not self.active:
             rank_zero_info(
                 f"shrink-redact: no fields configured ({ENV_FIELDS} is empty): nothing is redacted"
@@ -114,6 +123,7 @@ class RedactFields:
 
     @hookimpl(tryfirst=True)
     def shrink_train_batch_start(self, batch: Any) -> None:
+        """Drop, mask or hash the configured fields before any other plugin or the model sees them."""
         if not self.active:
             return
         if not isinstance(batch, MutableMapping):
@@ -146,11 +156,12 @@ class RedactFields:
 
     @hookimpl
     def shrink_report_rows(self) -> list[ReportRow] | None:
+        """Which fields were redacted, and how many values."""
         if not self.active:
             return None
         return [
-            ReportRow("redact", "fields", ", ".join(f"{n}={a}" for n, a in self.fields.items())),
-            ReportRow("redact", "redacted values", self.redacted_values),
+            ReportRow(self.name, "fields", ", ".join(f"{n}={a}" for n, a in self.fields.items())),
+            ReportRow(self.name, "redacted values", self.redacted_values),
         ]
 
     # ------------------------------------------------------------------ actions
