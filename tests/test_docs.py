@@ -32,7 +32,6 @@ NOT_YET_CHECKED = {
     "hooks.md",
     "privacy.md",
     "pruning.md",
-    "quantization.md",
     "testing.md",
     "writing-plugins.md",
 }
