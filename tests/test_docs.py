@@ -26,11 +26,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-#: Pages whose blocks are not checked yet, while they are being rewritten. Must be empty.
-NOT_YET_CHECKED = {
-    "quantization.md",
-}
-
 _PRELUDE = re.compile(r"<!--\s*docs-test-prelude\n(.*?)-->", re.S)
 _BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 _ANY_BLOCK = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.S | re.M)
@@ -73,8 +68,6 @@ def misfenced_python(text: str) -> list[int]:
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_every_python_block_of_the_page_runs(page, tmp_path, monkeypatch):
-    if page.name in NOT_YET_CHECKED:
-        pytest.skip(f"{page.name} is being rewritten")
     text = page.read_text()
     assert not misfenced_python(text), (
         f"{page.name}: Python not fenced ```python at lines {misfenced_python(text)}"

@@ -15,6 +15,7 @@ import lightning_shrink as ls
 from lightning_shrink.quantization import (
     Int8Conv,
     Int8Linear,
+    LayerSettings,
     QuantizationConfig,
     _kernels,
     is_prepared,
@@ -288,9 +289,12 @@ def test_prepare_adopts_equal_settings_and_refuses_others():
     assert model[0].shrink_qat is not first and model[0].shrink_qat is model[2].shrink_qat
     with pytest.raises(ValueError, match=r"layer '0' is already prepared.*with \{'weight_bits': 8"):
         prepare_qat(model, QuantizationConfig(activations="static"))
-    model[0].shrink_qat.owner = "a"  # as if the plugin "a" of the same Trainer had prepared them
+    peer = LayerSettings(QuantizationConfig(), owner="a")
+    prepare_qat(model, owner="a", settings=peer)  # as if a plugin "a" of the same Trainer had
     with pytest.raises(ValueError, match="'b' and QuantizationAwareTraining 'a' both select '0'"):
-        prepare_qat(model, owner="b", peers=["a"])
+        prepare_qat(model, owner="b", peers=[peer])
+    assert prepare_qat(model, owner="b") == ["0", "2"]  # "a" is not active: its layers are adopted
+    assert model[0].shrink_qat.owner == "b"
 
 
 # ----------------------------------------------------------------------------------- conversion

@@ -166,7 +166,7 @@ def _layers(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 @hookimpl(trylast=True)
 def shrink_load(tensors: MutableMapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
-    """Unpack int4 weights and check every int8 layer's tensors (trylast: after sparse decoding)."""
+    """Unpack int4 weights and check every int8 layer's tensors, after sparse decoding."""
     aliases = metadata.get("aliases", {})
     for name, layer in _layers(metadata).items():
         for tensor in _layer_tensor_names(layer):

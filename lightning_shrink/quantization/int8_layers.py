@@ -9,6 +9,7 @@ activations with the arithmetic of the x86 int8 kernel, which the simulation rep
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -61,13 +62,18 @@ def _quantize(weight: torch.Tensor, axis: int, bits: int, group_size: int | None
 
 
 class _Int8Base(nn.Module):
-    """Common ``from_config``/``config`` of the int8 layers (used by export and load)."""
+    """Common ``config``/``from_config`` of the int8 layers (used by export and load): the config is
+    the constructor's arguments, read back from the attributes of the same names (``bias``: whether
+    the layer has one)."""
 
     def config(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The keyword arguments that rebuild this layer (without its tensors), as plain data."""
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        return {n: (self.bias is not None) if n == "bias" else getattr(self, n) for n in names}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> _Int8Base:
+        """The layer :meth:`config` describes, with zero tensors (loading fills them)."""
         return cls(**config)
 
 
@@ -110,16 +116,6 @@ class Int8Linear(_Int8Base):
     def _apply(self, fn: Any, recurse: bool = True) -> Int8Linear:
         self._packed = None  # moved or cast: repack on the next forward
         return super()._apply(fn, recurse)
-
-    def config(self) -> dict[str, Any]:
-        return dict(
-            in_features=self.in_features,
-            out_features=self.out_features,
-            bias=self.bias is not None,
-            activations=self.activations,
-            weight_bits=self.weight_bits,
-            group_size=self.group_size,
-        )
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight the layer computes with, ``(out_features, in_features)``."""
@@ -245,21 +241,6 @@ class Int8Conv(_Int8Base):
             self.register_buffer("input_scale", torch.tensor(1.0))
             self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
 
-    def config(self) -> dict[str, Any]:
-        return dict(
-            dim=self.dim,
-            in_channels=self.in_channels,
-            out_channels=self.out_channels,
-            kernel_size=self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            bias=self.bias is not None,
-            activations=self.activations,
-            weight_bits=self.weight_bits,
-        )
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x = input.float()
         if self.activations == "dynamic":
@@ -323,15 +304,6 @@ class Int8Embedding(_Int8Base):
         n_scale = (num_embeddings,) if group_size is None else (num_embeddings, embedding_dim // group_size)
         self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(n_scale))
-
-    def config(self) -> dict[str, Any]:
-        return dict(
-            num_embeddings=self.num_embeddings,
-            embedding_dim=self.embedding_dim,
-            padding_idx=self.padding_idx,
-            weight_bits=self.weight_bits,
-            group_size=self.group_size,
-        )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(input, self.weight).float()

@@ -60,7 +60,7 @@ class QuantizationPlugin(TechniquePlugin):
         """Swap in fake-quantized layers (before optimizers, DDP and checkpoint weights)."""
         if self.settings.owner != self.name:
             self.settings = LayerSettings(self.config, self.name)
-        peers = [p.name for p in self.peers()]
+        peers = [p.settings for p in self.peers() if isinstance(p, QuantizationPlugin)]
         self.layers = prepare_qat(
             pl_module, self.config, owner=self.name, peers=peers, settings=self.settings
         )

@@ -74,7 +74,7 @@ def prepare_qat(
     exclude_modules: str | Sequence[str] | None = None,
     embeddings: bool | None = None,
     owner: str = "quantization",
-    peers: Collection[str] = (),
+    peers: Collection[LayerSettings] = (),
     settings: LayerSettings | None = None,
 ) -> list[str]:
     """Prepare ``model`` for quantization-aware training, in place; returns the prepared names.
@@ -90,14 +90,14 @@ def prepare_qat(
         exclude_modules: Overrides ``config.exclude_modules``.
         embeddings: Overrides ``config.embeddings``.
         owner: The name the prepared layers record as their owner (the plugin's registered name).
-        peers: Names of other owners active on the same model (other QuantizationAwareTraining
-            plugins of the Trainer): their layers may not be selected again.
+        peers: The settings of the other QuantizationAwareTraining plugins of the Trainer: layers
+            that share one of them belong to that plugin and may not be selected again.
         settings: The object every selected layer is to share (a plugin passes its own, to switch its
             layers); default a new ``LayerSettings(config, owner)``.
 
     Layers already prepared with the same arithmetic are adopted (a second ``fit``, a ``test`` after
-    ``fit``): they then share ``settings`` and belong to ``owner``, unless their owner is among
-    ``peers``. Nothing is prepared unless every selected layer passes the checks.
+    ``fit``): they then share ``settings`` and belong to ``owner``, unless they belong to a peer.
+    Nothing is prepared unless every selected layer passes the checks.
 
     Raises:
         ValueError: a selected layer belongs to a peer, or was prepared with other settings; a group
@@ -124,7 +124,7 @@ def prepare_qat(
         if not is_prepared(m):
             continue
         theirs: LayerSettings = m.shrink_qat
-        if theirs.owner in peers and theirs.owner != owner:
+        if any(theirs is peer for peer in peers):
             raise ValueError(
                 f"{OWNER} {owner!r} and {OWNER} {theirs.owner!r} both select {name!r}: give the two "
                 "callbacks disjoint `modules` / `exclude_modules`"
