@@ -81,10 +81,6 @@ def test_every_python_block_of_the_page_runs(page, tmp_path, monkeypatch):
         exec(code, namespace)
 
 
-def test_every_page_is_checked():
-    assert not NOT_YET_CHECKED - {p.name for p in PAGES}, "NOT_YET_CHECKED names a page that does not exist"
-
-
 def test_the_extractor_finds_blocks_and_the_prelude():
     text = "<!-- docs-test-prelude\nx = 1\n-->\n\n```python\ny = x + 1\n```\n\n```bash\nls\n```\n"
     assert python_blocks(text) == ["x = 1\n", "y = x + 1\n"]
