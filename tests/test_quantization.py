@@ -374,3 +374,18 @@ def test_convolutions_convert_with_the_simulated_activations():
     assert isinstance(converted[0], Int8Conv) and isinstance(converted[3], Int8Linear)
     assert int(converted[0].weight.abs().max()) <= 7
     torch.testing.assert_close(got, expected, atol=CONVERSION_TOLERANCE, rtol=0)
+
+
+def test_the_names_of_the_old_modules_module_still_import_with_a_warning():
+    import lightning_shrink.quantization.modules as old
+
+    with pytest.warns(
+        DeprecationWarning, match="import is_prepared from lightning_shrink.quantization.fake_layers"
+    ):
+        assert old.is_prepared is is_prepared
+    with pytest.warns(
+        DeprecationWarning, match="import Int8Linear from lightning_shrink.quantization.int8_layers"
+    ):
+        assert old.Int8Linear is Int8Linear
+    with pytest.raises(AttributeError, match="no attribute 'select_everything'"):
+        old.select_everything  # noqa: B018
