@@ -4,22 +4,24 @@ default), and exact thresholds, also over sharded (FSDP2 / DTensor) parameters.
 Every selection here is *exact*: a group whose scheduled sparsity is ``s`` over ``total`` weights
 prunes exactly ``round(s * total)`` of them (whole rows for ``"rows"``: the largest number of
 lowest-scoring rows whose size does not exceed that count). Ties at the threshold are broken by
-position (parameter order, then flat index), so the result is the same on one process, on
+position (parameter order, then rank, then flat index), so the result is the same on one process, on
 replicated DDP ranks and over FSDP2 shards.
 
 Scores are non-negative float32 importances (``|w|`` unless :func:`compute_masks` is given others);
 ``-1`` marks weights that are already pruned (they are pruned first: masks never grow back while
-sparsity rises) and ``+inf`` weights that a pattern forbids to prune. On one process (or replicated
-DDP ranks) the threshold is ``torch.kthvalue`` of the concatenated scores. On sharded parameters it is
-found by bisection over the IEEE-754 bit patterns of the scores (which order non-negative floats like
-their values), with an all-reduce of counts per step (at most 33 steps): exact, not sampled.
+sparsity rises) and ``+inf`` weights that a pattern forbids to prune. The threshold is found by a radix
+selection over the IEEE-754 bit patterns of the keys, mapped to integers that order like the floats:
+two passes of a 65,536-bin histogram (the high, then the low 16 bits), each summed over the shards by
+one fixed-size all-reduce. Keys are computed a chunk at a time, again at every pass, so the memory a
+selection needs beyond the new boolean masks is a few chunks and the histograms, whatever the model's
+size; nothing is concatenated and nothing is sorted.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +32,10 @@ __all__ = ["Pattern", "check_divides", "compute_masks", "magnitude", "parse_patt
 
 PRUNED = -1.0
 FORBIDDEN = float("inf")
-_INF_BITS = 0x7F800000
+
+#: Elements of one chunk of keys (the transient memory of a selection is a few such chunks).
+CHUNK = 1 << 20
+_BINS = 1 << 16
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -84,15 +89,6 @@ def magnitude(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().float()
 
 
-def _bits_to_float(i: int) -> float:
-    """Inverse of the ordering used by the bisection: ``-1`` is the pruned marker, lower is -inf."""
-    if i < -1:
-        return float("-inf")
-    if i == -1:
-        return PRUNED
-    return float(torch.tensor([i], dtype=torch.int32).view(torch.float32))
-
-
 def _matrix(t: torch.Tensor, transposed: bool) -> torch.Tensor:
     """``(out, in)`` view: rows are output units, the input dimension is last."""
     if transposed:
@@ -100,71 +96,140 @@ def _matrix(t: torch.Tensor, transposed: bool) -> torch.Tensor:
     return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
 
 
-def _units(
-    score: torch.Tensor, keep: torch.Tensor, transposed: bool, pattern: Pattern, owned: bool
-) -> tuple[torch.Tensor, int]:
-    """Keys of the prunable units of one (local) parameter, from its weights' scores, and the size of
-    a unit. ``owned``: the scores are a temporary that may be overwritten (no second copy)."""
-    fill = torch.Tensor.masked_fill_ if owned else torch.Tensor.masked_fill
-    if pattern.kind == "unstructured":
-        return fill(score.reshape(-1), ~keep.reshape(-1), PRUNED), 1
+class _Keys:
+    """The keys of one (local) parameter's prunable units of weight 1 (``"unstructured"``: every
+    weight, in flat storage order; ``"nm"``: every weight of the ``(out, in)`` view, row-major, with
+    the ones that are not among the ``M - N`` lowest of their group forbidden), computed on demand a
+    chunk at a time and never kept."""
+
+    def __init__(
+        self, source: torch.Tensor, keep: torch.Tensor, transposed: bool, pattern: Pattern, is_score: bool
+    ):
+        self.source, self.keep, self.transposed, self.pattern, self.is_score = (
+            source,
+            keep,
+            transposed,
+            pattern,
+            is_score,
+        )
+        self.numel = source.numel()
+
+    def _score(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float32, copy=True) if self.is_score else magnitude(t)
+
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(offset, keys)`` of consecutive chunks, in unit order."""
+        if self.pattern.kind == "unstructured":
+            flat, kflat = self.source.reshape(-1), self.keep.reshape(-1)
+            for a in range(0, self.numel, CHUNK):
+                b = min(a + CHUNK, self.numel)
+                yield a, self._score(flat[a:b]).masked_fill_(~kflat[a:b], PRUNED)
+            return
+        mat, kmat = _matrix(self.source, self.transposed), _matrix(self.keep, self.transposed)
+        m, drop = self.pattern.m, self.pattern.m - self.pattern.n
+        rows = max(1, CHUNK // max(1, mat.shape[1]))
+        for a in range(0, mat.shape[0], rows):
+            b = min(a + rows, mat.shape[0])
+            keys = self._score(mat[a:b]).masked_fill_(~kmat[a:b], PRUNED).reshape(b - a, -1, m)
+            order = torch.argsort(keys, dim=-1, stable=True)
+            candidate = torch.zeros_like(keys, dtype=torch.bool).scatter_(-1, order[..., :drop], True)
+            yield a * mat.shape[1], keys.masked_fill_(~candidate, FORBIDDEN).reshape(-1)
+
+
+def _row_keys(score: torch.Tensor, keep: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, int]:
+    """The keys of the rows of one (local) parameter (the root-mean-square of their scores, ``-1`` for
+    pruned rows) and the size of a row."""
     mat, kmat = _matrix(score, transposed), _matrix(keep, transposed)
-    if pattern.kind == "rows":
-        rms = mat.pow(2).mean(dim=1).sqrt()
-        keys = rms.masked_fill_(~kmat.any(dim=1), PRUNED)
-        return keys, mat.shape[1]
-    m, drop = pattern.m, pattern.m - pattern.n
-    keys = fill(mat, ~kmat, PRUNED).reshape(mat.shape[0], -1, m)
-    order = torch.argsort(keys, dim=-1, stable=True)
-    candidate = torch.zeros_like(keys, dtype=torch.bool).scatter_(-1, order[..., :drop], True)
-    return keys.masked_fill_(~candidate, FORBIDDEN).reshape(-1), 1
+    rms = mat.float().pow(2).mean(dim=1).sqrt()
+    return rms.masked_fill_(~kmat.any(dim=1), PRUNED), mat.shape[1]
 
 
-def _to_mask(pruned_units: torch.Tensor, w: torch.Tensor, transposed: bool, pattern: Pattern) -> torch.Tensor:
+def _ordered(keys: torch.Tensor) -> torch.Tensor:
+    """int32 codes of float32 keys that order like the keys' values (``-0.0`` as ``+0.0``). The map is
+    its own inverse."""
+    bits = (keys + 0.0).view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _from_ordered(code: int) -> float:
+    bits = torch.tensor([code], dtype=torch.int32)
+    return float((bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32))
+
+
+def _histogram(keys: Sequence[_Keys], prefix: int | None, device: torch.device) -> torch.Tensor:
+    """Counts of the high 16 bits of the keys' codes (``prefix=None``), or of the low 16 bits of the
+    codes whose high 16 bits are ``prefix``."""
+    counts = torch.zeros(_BINS + 1, dtype=torch.int64, device=device)
+    for unit in keys:
+        for _, chunk in unit.chunks():
+            code = _ordered(chunk)
+            high = (code >> 16) + (_BINS // 2)
+            digit = high if prefix is None else torch.where(high == prefix, code & 0xFFFF, _BINS)
+            counts += torch.bincount(digit.reshape(-1), minlength=_BINS + 1)
+    return counts[:_BINS]
+
+
+def _bin_of(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the ``k``-th smallest (1-based) element, and the count before that bin."""
+    cum = torch.cumsum(counts, 0)
+    b = int(torch.searchsorted(cum, torch.tensor([k], dtype=cum.dtype, device=cum.device)))
+    return b, int(cum[b - 1]) if b else 0
+
+
+def _select_equal(keys: Sequence[_Keys], k: int, comm: Comm, device: torch.device) -> list[torch.Tensor]:
+    """Keep-masks of units of weight 1 (flat, in unit order) that prune exactly ``k`` of them: the
+    smallest keys, ties by (parameter, rank, position)."""
+    if k <= 0:
+        return [torch.ones(x.numel, dtype=torch.bool, device=x.keep.device) for x in keys]
+    high, before = _bin_of(comm.all_reduce(_histogram(keys, None, device)), k)
+    low_counts = comm.all_reduce(_histogram(keys, high, device))
+    low, below = _bin_of(low_counts, k - before)
+    v = _from_ordered(((high - _BINS // 2) << 16) | low)
+    # Every unit of key < v is pruned, and the first ``k - smaller`` of those equal to v.
+    ties_to_prune = k - before - below
+    keeps, ties = [], []
+    for unit in keys:
+        keep = torch.empty(unit.numel, dtype=torch.bool, device=unit.keep.device)
+        tied = 0
+        for a, chunk in unit.chunks():
+            torch.gt(chunk, v, out=keep[a : a + chunk.numel()])
+            tied += int(torch.count_nonzero(chunk == v))
+        keeps.append(keep)
+        ties.append(tied)
+    if ties_to_prune == int(low_counts[low]):
+        return keeps
+    tie_counts = comm.all_gather(torch.tensor(ties, dtype=torch.int64, device=device)).cpu()  # (world, T)
+    to_prune = ties_to_prune
+    for i, unit in enumerate(keys):
+        for r in range(comm.world):
+            take = min(int(tie_counts[r, i]), to_prune)
+            if r == comm.rank and take < int(tie_counts[r, i]):
+                _keep_ties_after(unit, keeps[i], v, take)
+            to_prune -= take
+    return keeps
+
+
+def _keep_ties_after(unit: _Keys, keep: torch.Tensor, v: float, take: int) -> None:
+    """Keep the units of ``unit`` whose key is ``v``, but for the first ``take`` of them."""
+    seen = 0
+    for a, chunk in unit.chunks():
+        idx = (chunk == v).nonzero().squeeze(1)
+        n = idx.numel()
+        if seen + n > take:
+            keep[a + idx[max(0, take - seen) :]] = True
+        seen += n
+
+
+def _to_mask(kept_units: torch.Tensor, w: torch.Tensor, transposed: bool, pattern: Pattern) -> torch.Tensor:
+    """The keep-mask shaped like ``w`` from the keep-mask of its units."""
     if pattern.kind == "unstructured":
-        return (~pruned_units).reshape(w.shape)
+        return kept_units.reshape(w.shape)
     rows, cols = _matrix(w, transposed).shape
     if pattern.kind == "rows":
-        keep = (~pruned_units).unsqueeze(1).expand(rows, cols)
+        keep = kept_units.unsqueeze(1).expand(rows, cols)
     else:
-        keep = (~pruned_units).reshape(rows, cols)
+        keep = kept_units.reshape(rows, cols)
     return keep.t().contiguous() if transposed else keep.reshape(w.shape).contiguous()
-
-
-def _select_equal(keys: Sequence[torch.Tensor], k: int, comm: Comm) -> list[torch.Tensor]:
-    """Prune exactly ``k`` units of weight 1 (smallest keys; ties by position)."""
-    if k <= 0:
-        return [torch.zeros_like(x, dtype=torch.bool) for x in keys]
-    if comm.world == 1:
-        v = float(torch.kthvalue(torch.cat([x.reshape(-1) for x in keys]), k).values)
-    else:
-        lo, hi = -2, _INF_BITS
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            threshold = _bits_to_float(mid)
-            count = torch.tensor([sum(int(torch.count_nonzero(x <= threshold)) for x in keys)])
-            if int(comm.all_reduce(count)) >= k:
-                hi = mid
-            else:
-                lo = mid
-        v = _bits_to_float(hi)
-    pruned = [x <= v for x in keys]
-    counts = torch.tensor([int(torch.count_nonzero(p)) for p in pruned], dtype=torch.int64)
-    excess = int(comm.all_reduce(counts.sum().reshape(1))) - k
-    if excess > 0:
-        # Several units score exactly ``v``: keep the last ``excess`` of them in (parameter,
-        # rank, position) order, so that exactly ``k`` are pruned wherever the tensors live.
-        ties = [x == v for x in keys]
-        tie_counts = comm.all_gather(torch.tensor([int(torch.count_nonzero(t)) for t in ties]))  # (world, T)
-        to_prune = int(tie_counts.sum()) - excess
-        for i, tie in enumerate(ties):
-            for r in range(comm.world):
-                take = min(int(tie_counts[r, i]), to_prune)
-                if r == comm.rank:
-                    idx = tie.reshape(-1).nonzero().squeeze(1)[take:]
-                    pruned[i].view(-1)[idx] = False
-                to_prune -= take
-    return pruned
 
 
 def _select_weighted(
@@ -230,18 +295,21 @@ def compute_masks(
     if pattern.kind == "nm":
         k = min(k, total * (pattern.m - pattern.n) // pattern.m)
     k = min(k, total)
-    if scores is None:  # one magnitude tensor at a time, overwritten into its keys
-        units = [
-            _units(magnitude(w), k, t, pattern, True)
-            for w, k, t in zip(weights, keeps, transposed, strict=True)
-        ]
-    else:
-        units = [_units(s, k, t, pattern, False) for s, k, t in zip(scores, keeps, transposed, strict=True)]
+    sources = weights if scores is None else scores
     if pattern.kind == "rows":
-        pruned = _select_weighted([u for u, _ in units], [s for _, s in units], k, comm)
-    else:
-        pruned = _select_equal([u for u, _ in units], k, comm)
-    return [_to_mask(p, w, t, pattern) for p, w, t in zip(pruned, weights, transposed, strict=True)]
+        rows = [
+            _row_keys(magnitude(x) if scores is None else x, keep, t)
+            for x, keep, t in zip(sources, keeps, transposed, strict=True)
+        ]
+        pruned = _select_weighted([u for u, _ in rows], [size for _, size in rows], k, comm)
+        return [_to_mask(~p, w, t, pattern) for p, w, t in zip(pruned, weights, transposed, strict=True)]
+    device = weights[0].device if weights else torch.device("cpu")
+    units = [
+        _Keys(x, keep, t, pattern, scores is not None)
+        for x, keep, t in zip(sources, keeps, transposed, strict=True)
+    ]
+    new = _select_equal(units, k, comm, device)
+    return [_to_mask(m, w, t, pattern) for m, w, t in zip(new, weights, transposed, strict=True)]
 
 
 def check_divides(shape: torch.Size, transposed: bool, pattern: Pattern, name: str) -> None:

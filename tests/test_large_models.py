@@ -1,0 +1,62 @@
+"""Memory that scales: the radix threshold selection, one boolean mask per weight, fake quantization
+that recomputes in backward, the FSDP2-sharded teacher, and bf16 fits of every technique."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from legacy_selection import legacy_compute_masks
+
+from lightning_shrink.pruning import masks as masks_module
+from lightning_shrink.pruning.distributed import Comm
+from lightning_shrink.pruning.masks import compute_masks, parse_pattern
+
+# ------------------------------------------------------------------------------- threshold selection
+
+
+def _ties_heavy(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Weights drawn from a handful of values (many exact ties, zeros and negative zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.tensor([0.0, -0.0, 0.5, -0.5, 0.25, 1.0, 3.0, -3.0])
+    w = values[torch.randint(len(values), shape, generator=g)]
+    noisy = torch.rand(shape, generator=g) < 0.3
+    return torch.where(noisy, torch.randn(shape, generator=g), w).to(dtype)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "rows"])
+@pytest.mark.parametrize("given_scores", [False, True])
+def test_radix_selection_equals_the_previous_selection(pattern, given_scores, monkeypatch):
+    # Chunks smaller than the parameters: selections that cross chunk boundaries.
+    monkeypatch.setattr(masks_module, "CHUNK", 96)
+    parsed = parse_pattern(pattern)
+    for seed in range(6):
+        shapes = [(12, 16), (8, 32), (20, 8), (4, 4)]
+        weights = [_ties_heavy(s, seed * 10 + i) for i, s in enumerate(shapes)]
+        transposed = [False, False, True, False]
+        g = torch.Generator().manual_seed(seed)
+        keeps = [torch.rand(s, generator=g) > 0.15 * (seed % 3) for s in shapes]
+        if pattern == "2:4":
+            keeps = [torch.ones(s, dtype=torch.bool) for s in shapes]
+        scores = (
+            [_ties_heavy(s, 100 + seed * 10 + i).abs() for i, s in enumerate(shapes)]
+            if given_scores
+            else None
+        )
+        for sparsity in (0.0, 0.1, 0.37, 0.5, 0.9, 1.0):
+            args = (weights, keeps, transposed, [w.numel() for w in weights], sparsity, parsed, Comm())
+            given = [x.clone() for x in scores] if scores else None
+            new = compute_masks(*args, scores=scores)
+            assert given is None or all(torch.equal(a, b) for a, b in zip(scores, given, strict=True))
+            old = legacy_compute_masks(*args, scores=scores)
+            for a, b in zip(new, old, strict=True):
+                assert a.dtype == torch.bool and a.shape == b.shape
+                assert torch.equal(a, b), (pattern, seed, sparsity)
+
+
+def test_radix_selection_of_bf16_weights_is_exact():
+    w = [_ties_heavy((64, 48), 3, torch.bfloat16), _ties_heavy((32, 64), 4, torch.bfloat16)]
+    keeps = [torch.ones_like(x, dtype=torch.bool) for x in w]
+    args = (w, keeps, [False, False], [x.numel() for x in w], 0.6, parse_pattern("unstructured"), Comm())
+    new = compute_masks(*args)
+    assert sum(int((~m).sum()) for m in new) == round(0.6 * sum(x.numel() for x in w))
+    assert all(torch.equal(a, b) for a, b in zip(new, legacy_compute_masks(*args), strict=True))
