@@ -100,15 +100,12 @@ def replicated_world_size() -> int:
 
 def broadcast_masks(keeps: list[torch.Tensor]) -> list[torch.Tensor]:
     """Rank 0's boolean masks on every rank (bitwise identical masks on replicated DDP ranks, even when
-    their weights or seeds differ)."""
-    flat = torch.cat([k.reshape(-1) for k in keeps]).to(torch.uint8)
+    their weights or seeds differ), broadcast in place one mask at a time (no concatenated copy)."""
     backend = dist.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    flat = flat.to(device)
-    dist.broadcast(flat, src=0)
-    out, offset = [], 0
+    out = []
     for k in keeps:
-        n = k.numel()
-        out.append(flat[offset : offset + n].view(k.shape).to(device=k.device, dtype=torch.bool))
-        offset += n
+        buf = k.contiguous().to(device)
+        dist.broadcast(buf.view(torch.uint8), src=0)
+        out.append(buf.to(k.device))
     return out

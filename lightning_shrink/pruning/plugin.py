@@ -63,7 +63,6 @@ class PruningPlugin(TechniquePlugin):
         self._started = False
         self._layers_pending = False
         self._active: list[int] = []
-        self._active_masks: list[torch.Tensor] = []
         self._comm = Comm()
         self._replicated_world = 1
 
@@ -148,7 +147,7 @@ class PruningPlugin(TechniquePlugin):
         if self._restored is not None:
             check_resume(self.name, self._restored, self._record())
         self.keeps = []
-        self._active, self._active_masks = [], []
+        self._active = []
         self._started = False
 
     def _record(self) -> dict[str, Any]:
@@ -224,11 +223,11 @@ class PruningPlugin(TechniquePlugin):
                 return
             self._start(trainer)
         grads, masks = [], []
-        for i, mask in zip(self._active, self._active_masks, strict=True):
+        for i in self._active:
             grad = self.params[i].grad
             if grad is not None:
                 grads.append(local_tensor(grad))
-                masks.append(mask)
+                masks.append(self.keeps[i])
         if grads:
             with torch.no_grad():
                 torch._foreach_mul_(grads, masks)
@@ -244,17 +243,18 @@ class PruningPlugin(TechniquePlugin):
         self._apply()
 
     def _apply(self) -> None:
-        # One fused in-place multiply over all pruned parameters, by masks of the parameters' own
-        # dtype: the vectorized path (bool masks take PyTorch's slower casting path, masked_fill_
-        # is slower still on CPU; measured in benchmarks/bench_pruning.py).
+        # One fused in-place multiply over all pruned parameters by their boolean masks (the one mask
+        # a weight has: multiplying by a bool is bitwise the multiply by a 0/1 mask of the weight's dtype,
+        # without a second copy of the masks; measured in benchmarks/bench_memory.py).
         if self._active:
             # Local shards are looked up every step: FSDP2 may re-create them after set-up.
             params = [local_tensor(self.params[i]) for i in self._active]
-            if self._active_masks[0].device != params[0].device:
-                # Lightning's teardown moves the model back to the CPU before `on_fit_end`.
-                self._active_masks = [m.to(p.device) for m, p in zip(self._active_masks, params, strict=True)]
+            for i, p in zip(self._active, params, strict=True):
+                if self.keeps[i].device != p.device:
+                    # Lightning's teardown moves the model back to the CPU before `on_fit_end`.
+                    self.keeps[i] = self.keeps[i].to(p.device)
             with torch.no_grad():
-                torch._foreach_mul_(params, self._active_masks)
+                torch._foreach_mul_(params, [self.keeps[i] for i in self._active])
 
     def _update(self, trainer: pl.Trainer, step: int) -> None:
         """Recompute the masks for ``step``."""
@@ -312,10 +312,8 @@ class PruningPlugin(TechniquePlugin):
         self.sparsity = sum(self._pruned) / sum(totals)
         assert self.schedule is not None
         self.target_now = self.schedule.sparsity(step) if step >= self.schedule.start else 0.0
-        # The parameters that have pruned weights, and their masks in the parameters' dtype: what is
-        # enforced at every step.
+        # The parameters that have pruned weights: their masks are enforced at every step.
         self._active = [i for i, k in enumerate(self.keeps) if not bool(k.all())]
-        self._active_masks = [self.keeps[i].to(self.params[i].dtype) for i in self._active]
 
     def _zero_optimizer_state(self, trainer: pl.Trainer) -> None:
         if not self._active:
