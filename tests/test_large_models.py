@@ -60,3 +60,74 @@ def test_radix_selection_of_bf16_weights_is_exact():
     new = compute_masks(*args)
     assert sum(int((~m).sum()) for m in new) == round(0.6 * sum(x.numel() for x in w))
     assert all(torch.equal(a, b) for a, b in zip(new, legacy_compute_masks(*args), strict=True))
+
+
+# ------------------------------------------------------------------------ fake quantization backward
+
+
+def _prepared(layer: torch.nn.Module, **config) -> torch.nn.Module:
+    from lightning_shrink.quantization.config import LayerSettings, QuantizationConfig
+    from lightning_shrink.quantization.fake_layers import prepare_module
+
+    prepare_module(layer, LayerSettings(QuantizationConfig(**config)))
+    return layer
+
+
+def _grads_and_saved(layer, x, recompute, monkeypatch):
+    from lightning_shrink.quantization import fake_layers
+
+    monkeypatch.setattr(fake_layers, "RECOMPUTE_IN_BACKWARD", recompute)
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().nbytes())
+        return t
+
+    # The outermost hooks see what autograd keeps, except what the layer's own hooks replaced.
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    out.pow(2).sum().backward()
+    grads = [x.grad] + [p.grad for p in layer.parameters()]
+    return [g.clone() for g in grads], sum(saved)
+
+
+@pytest.mark.parametrize(
+    "kind, config",
+    [
+        ("linear", {}),
+        ("linear", {"weight_bits": 4, "group_size": 16, "activations": None}),
+        ("conv", {}),
+        ("conv1d_hf", {"activations": None}),
+        ("linear_bf16", {}),
+    ],
+)
+def test_fake_quant_recomputes_its_weight_in_backward_with_identical_gradients(kind, config, monkeypatch):
+    torch.manual_seed(0)
+    if kind.startswith("linear"):
+        dtype = torch.bfloat16 if kind.endswith("bf16") else torch.float32
+        layer, x = torch.nn.Linear(64, 48).to(dtype), torch.randn(3, 5, 64, dtype=dtype)
+    elif kind == "conv":
+        layer, x = torch.nn.Conv2d(4, 8, 3), torch.randn(2, 4, 9, 9)
+    else:
+        from transformers.pytorch_utils import Conv1D
+
+        layer, x = Conv1D(48, 64), torch.randn(3, 5, 64)
+    layer = _prepared(layer, **config)
+    weight_bytes = layer.weight.untyped_storage().nbytes()
+    kept, kept_saved = _grads_and_saved(layer, x, False, monkeypatch)
+    recomputed, recomputed_saved = _grads_and_saved(layer, x, True, monkeypatch)
+    for a, b in zip(kept, recomputed, strict=True):
+        assert torch.equal(a, b)
+    # The fake-quantized copy (the size of the weight) is no longer held for backward.
+    assert kept_saved - recomputed_saved >= weight_bytes
+
+
+def test_fake_quant_refuses_a_weight_changed_between_forward_and_backward():
+    layer = _prepared(torch.nn.Linear(8, 4))
+    out = layer(torch.randn(2, 8, requires_grad=True))
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place between forward and backward"):
+        out.sum().backward()

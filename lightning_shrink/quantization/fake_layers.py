@@ -6,6 +6,14 @@ keeps its identity, its ``weight``/``bias`` Parameters (so the optimizer, prunin
 checkpoints and ``state_dict`` keys see the very same tensors), its hooks and its attributes;
 only ``forward`` changes. :func:`unprepare_module` restores the original class.
 
+The fake-quantized weight is not kept for backward: it is a new tensor as large as the (unsharded)
+weight, and autograd would hold one per layer from forward to backward, cancelling FSDP2's resharding
+after forward. The layer's operation runs under ``saved_tensors_hooks`` that store, instead of it,
+what recomputes it in backward from the original weight (which FSDP2 gathers again for backward
+anyway); autograd's own backward of the layer then runs on identical values, so the gradients are
+bitwise those of keeping the copy. Under ``torch.func`` transforms (per-example gradients), which do
+not allow such hooks, the copy is kept.
+
 Every prepared layer holds the :class:`~lightning_shrink.quantization.config.LayerSettings` of the
 plugin that prepared it as ``layer.shrink_qat`` (its arithmetic, its owner, the on/off switches).
 """
@@ -13,6 +21,7 @@ plugin that prepared it as ``layer.shrink_qat`` (its arithmetic, its owner, the 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,6 +63,31 @@ def _all_reduce_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor,
     return both[0].neg(), both[1]
 
 
+#: Recompute fake-quantized weights in backward instead of keeping them (see the module docs).
+RECOMPUTE_IN_BACKWARD = True
+
+
+class _Recompute:
+    """What is saved for backward in place of a view of a fake-quantized weight."""
+
+    __slots__ = ("layer", "offset", "size", "stride", "version", "weight")
+
+    def __init__(self, layer: _FakeQuantMixin, weight: torch.Tensor, view: torch.Tensor) -> None:
+        self.layer, self.weight, self.version = layer, weight, weight._version
+        self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
+
+    def unpack(self) -> torch.Tensor:
+        if self.weight._version != self.version:
+            raise RuntimeError(
+                f"{type(self.layer).__name__}: its weight was modified in place between forward and "
+                "backward; the fake-quantized weight recomputed for backward would differ from the one "
+                "forward used"
+            )
+        with torch.no_grad():
+            q = self.layer._quantize(self.weight.detach())
+        return q.as_strided(self.size, self.stride, self.offset)
+
+
 class _FakeQuantMixin:
     """Shared logic: weight fake-quant and input fake-quant/observation."""
 
@@ -73,10 +107,38 @@ class _FakeQuantMixin:
         """Input features per weight scale (``None``: one scale per output channel)."""
         return self.shrink_qat.group_size
 
+    def _quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_weight(weight, self.weight_axis, self._weight_bits(), self._group_size())
+
     def _fake_weight(self) -> torch.Tensor:
         if not self.shrink_qat.fake_quant_enabled:
             return self.weight
-        return fake_quantize_weight(self.weight, self.weight_axis, self._weight_bits(), self._group_size())
+        return self._quantize(self.weight)
+
+    def _with_fake_weight(self, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``compute(fake-quantized weight)``, with the fake-quantized weight recomputed in backward
+        rather than kept (see the module docs)."""
+        weight = self.weight
+        if (
+            not RECOMPUTE_IN_BACKWARD
+            or not self.shrink_qat.fake_quant_enabled
+            or not (torch.is_grad_enabled() and weight.requires_grad)
+            or torch._C._are_functorch_transforms_active()
+        ):
+            return compute(self._fake_weight())
+        fake = self._quantize(weight)
+        storage = fake.untyped_storage().data_ptr()
+
+        def pack(t: torch.Tensor) -> Any:
+            if t.untyped_storage().data_ptr() == storage and t.dtype == fake.dtype:
+                return _Recompute(self, weight, t)
+            return t
+
+        def unpack(saved: Any) -> torch.Tensor:
+            return saved.unpack() if isinstance(saved, _Recompute) else saved
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return compute(fake)
 
     def _fake_input(self, x: torch.Tensor) -> torch.Tensor:
         s = self.shrink_qat
@@ -120,7 +182,8 @@ class FakeQuantLinear(_FakeQuantMixin, nn.Linear):
     """``nn.Linear`` with fake-quantized weight (per output channel) and input."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._fake_input(input), self._fake_weight(), self.bias)
+        x = self._fake_input(input)
+        return self._with_fake_weight(lambda w: F.linear(x, w, self.bias))
 
 
 class FakeQuantTiedLinear(FakeQuantLinear):
@@ -144,7 +207,8 @@ class _FakeQuantConvMixin(_FakeQuantMixin):
         return None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._fake_input(input), self._fake_weight(), self.bias)
+        x = self._fake_input(input)
+        return self._with_fake_weight(lambda w: self._conv_forward(x, w, self.bias))
 
 
 class FakeQuantConv1d(_FakeQuantConvMixin, nn.Conv1d):
@@ -207,7 +271,8 @@ def _fake_quant_hf_conv1d() -> type:
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 size_out = (*x.size()[:-1], self.nf)
                 x = self._fake_input(x)
-                x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self._fake_weight())
+                flat = x.view(-1, x.size(-1))
+                x = self._with_fake_weight(lambda w: torch.addmm(self.bias, flat, w))
                 return x.view(size_out)
 
         FakeQuantConv1D.__module__ = __name__
