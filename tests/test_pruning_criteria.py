@@ -5,6 +5,7 @@ resumed bit-exactly and kept out of the model, validation."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from lightning_shrink import GradualMagnitudePruning
 from lightning_shrink.pruning.criteria import CRITERIA, check_criterion_options
+from lightning_shrink.testing.distributed import run_multiprocess_script
 from lightning_shrink.testing.models import TinyClassifier, cpu_trainer, random_classification_data
 
 LR, SCORE_LR = 0.05, 0.5
@@ -261,3 +263,30 @@ def test_score_lr_sets_the_scores_group_lr_and_weight_decay_is_zero():
     group = trainer.optimizers[0].param_groups[-1]
     assert group["lr"] == 0.3 and group["weight_decay"] == 0.0
     assert [id(p) for p in group["params"]] == [id(s) for s in cb.plugin.criterion.score_params]
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+
+@pytest.mark.slow
+def test_ddp_learned_criteria_give_identical_scores_and_masks_on_every_rank(tmp_path):
+    script = Path(__file__).parent / "scripts" / "pruning_criteria_ddp.py"
+    run_multiprocess_script(script, tmp_path, "movement", "taylor", cwd=tmp_path)
+    for criterion, key in (("movement", "scores"), ("taylor", "importance")):
+        r0, r1 = (torch.load(tmp_path / f"{criterion}-rank{r}.pt", weights_only=False) for r in range(2))
+        assert (
+            r0["global_step"] == r1["global_step"] == 8
+        )  # 32 examples per rank: 4 batches, 2 steps an epoch
+        assert r0["updates"] == r1["updates"] == 4  # steps 1, 3, 5, 6
+        assert r0["criterion"]["steps"] == 8
+        for n in r0["masks"]:
+            assert torch.equal(r0["masks"][n], r1["masks"][n]), n
+            # computed from DDP-averaged gradients: the scores agree too, not only rank 0's masks
+            assert torch.equal(r0["criterion"][key][n], r1["criterion"][key][n]), n
+        for n, w in r0["weights"].items():
+            assert torch.equal(w, r1["weights"][n]), n
+        assert r0["sparsity"] == pytest.approx(0.7, abs=1e-3)
+        # on_after_backward of a step's last micro-batch sees gradients averaged by DDP; earlier ones
+        # (under no_sync) see this rank's own
+        for (last, g0), (_, g1) in zip(r0["grads"], r1["grads"], strict=True):
+            assert torch.equal(g0, g1) == last
