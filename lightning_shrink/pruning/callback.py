@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lightning_shrink.lightning.technique import TechniqueCallback
 from lightning_shrink.pruning.config import PruningConfig
@@ -73,6 +73,15 @@ class GradualMagnitudePruning(TechniqueCallback):
             that their optimizer state (momentum, Adam moments) stays exactly zero at all times, not
             only after each mask update and at fit end. Costs a second multiply per step; useful
             with optimizers that mix coordinates (L-BFGS) or when inspecting optimizer state.
+        criterion: Which weights are pruned first: ``"magnitude"`` (``|w|``), ``"movement"`` (Sanh et
+            al. 2020: scores learned from ``-w * dL/dw`` by the run's optimizer), ``"soft_movement"``
+            (movement with the paper's ``sigmoid`` regularizer on the scores) or ``"taylor"``
+            (PLATON, Zhang et al. 2022: moving averages of ``|w * dL/dw|`` and of its uncertainty).
+            See ``docs/pruning.md``, "Criteria".
+        criterion_options: The criterion's options: ``score_lr`` (movement variants: the scores'
+            learning rate; ``None``: the optimizer's default), ``regularization`` (``soft_movement``:
+            the weight of ``mean(sigmoid(scores))``, default ``1.0``), ``beta1`` and ``beta2``
+            (``taylor``: the moving averages' factors, defaults ``0.85`` and ``0.95``).
         name: The plugin's registered name, the namespace of its metrics, checkpoint state and report
             rows; ``None``: ``"pruning"`` (``"pruning-2"``... for further instances).
 
@@ -108,6 +117,8 @@ class GradualMagnitudePruning(TechniqueCallback):
         sparsity_overrides: Mapping[str, float] | None = None,
         log_layer_sparsity: bool = True,
         mask_gradients: bool = False,
+        criterion: str = "magnitude",
+        criterion_options: Mapping[str, Any] | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
@@ -129,6 +140,8 @@ class GradualMagnitudePruning(TechniqueCallback):
             sparsity_overrides=sparsity_overrides,
             log_layer_sparsity=log_layer_sparsity,
             mask_gradients=mask_gradients,
+            criterion=criterion,
+            criterion_options=criterion_options,
         )
 
     def make_plugin(self) -> PruningPlugin:

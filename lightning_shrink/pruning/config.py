@@ -18,6 +18,7 @@ from lightning_shrink.config import (
     check_step,
     resolve_step,
 )
+from lightning_shrink.pruning.criteria import check_criterion_options
 from lightning_shrink.pruning.masks import Pattern, parse_pattern
 from lightning_shrink.pruning.schedule import SCHEDULES, PruningSchedule
 
@@ -44,8 +45,10 @@ class PruningConfig:
 
     The callback builds it from its keyword arguments (``callback.config``); the arguments are
     documented there. Values are normalized: ``pattern`` becomes a :class:`Pattern`, name patterns and
-    ``parameter_names`` become tuples and ``sparsity_overrides`` a tuple of ``(pattern, sparsity)``
-    pairs in the order given (the last pattern that matches a module wins).
+    ``parameter_names`` become tuples, ``sparsity_overrides`` a tuple of ``(pattern, sparsity)``
+    pairs in the order given (the last pattern that matches a module wins) and ``criterion_options``
+    a sorted tuple of ``(name, value)`` pairs holding every option of the criterion (defaults filled
+    in).
 
     Raises:
         TypeError: an argument of the wrong type.
@@ -75,6 +78,8 @@ class PruningConfig:
     sparsity_overrides: tuple[tuple[str, float], ...] = ()
     log_layer_sparsity: bool = True
     mask_gradients: bool = False
+    criterion: str = "magnitude"
+    criterion_options: tuple[tuple[str, Any], ...] | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         target = _check_sparsity("target_sparsity", self.target_sparsity)
@@ -129,6 +134,10 @@ class PruningConfig:
         _set(self, "sparsity_overrides", overrides)
         check_bool(OWNER, "log_layer_sparsity", self.log_layer_sparsity)
         check_bool(OWNER, "mask_gradients", self.mask_gradients)
+        options = self.criterion_options
+        if isinstance(options, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in options):
+            options = dict(options)
+        _set(self, "criterion_options", check_criterion_options(OWNER, self.criterion, options))
 
     @property
     def selector(self) -> ModuleSelector:
@@ -234,4 +243,6 @@ class PruningConfig:
             "sparsity_overrides": [[p, s] for p, s in self.sparsity_overrides],
             "log_layer_sparsity": self.log_layer_sparsity,
             "mask_gradients": self.mask_gradients,
+            "criterion": self.criterion,
+            "criterion_options": dict(self.criterion_options),
         }

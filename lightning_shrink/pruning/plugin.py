@@ -10,8 +10,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_shrink.hookspecs import hookimpl
+from lightning_shrink.lightning import compat
 from lightning_shrink.lightning.technique import TechniquePlugin
 from lightning_shrink.pruning.config import OWNER, PruningConfig
+from lightning_shrink.pruning.criteria import Criterion, make_criterion
 from lightning_shrink.pruning.distributed import (
     Comm,
     broadcast_masks,
@@ -25,7 +27,7 @@ from lightning_shrink.pruning.report import report_rows, shortfall, shortfall_wa
 from lightning_shrink.pruning.schedule import PruningSchedule
 from lightning_shrink.pruning.selection import PruneTarget, group_indices, select_targets
 from lightning_shrink.pruning.state import STATE_VERSION, check_resume, is_pruning_state, resume_record
-from lightning_shrink.types import ReportRow
+from lightning_shrink.types import ParamGroup, ReportRow
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -65,6 +67,8 @@ class PruningPlugin(TechniquePlugin):
         self._active: list[int] = []
         self._comm = Comm()
         self._replicated_world = 1
+        #: The importance criterion (``config.criterion``), bound to the pruned parameters at fit start.
+        self.criterion: Criterion = make_criterion(OWNER, config.criterion, config.criterion_options)
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -125,6 +129,33 @@ class PruningPlugin(TechniquePlugin):
             check_resume(self.name, self._restored, self._record())
 
     @hookimpl
+    def shrink_optimizer_param_groups(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> list[ParamGroup] | None:
+        """Bind the importance criterion to the pruned parameters; train learned scores (movement) in a
+        parameter group of their own."""
+        if not self.targets:
+            return None
+        named = dict(pl_module.named_parameters(remove_duplicate=False))
+        params = [named[t.name] for t in self.targets]
+        criterion = self.criterion
+        if criterion.name != "magnitude" and any(is_dtensor(p) for p in params):
+            raise ValueError(
+                f"{OWNER} ({self.name!r}): criterion={criterion.name!r} is not supported on FSDP2-sharded "
+                "parameters (its per-weight scores would be per-shard state that a checkpoint does not "
+                "restore); use criterion='magnitude' under FSDP2, or DDP"
+            )
+        criterion.bind([t.name for t in self.targets], params)
+        groups = criterion.param_groups()
+        if groups and compat.optimizer_of(trainer) is None:
+            raise ValueError(
+                f"{OWNER} ({self.name!r}): criterion={criterion.name!r} learns its scores with the run's "
+                f"optimizer, but {type(pl_module).__name__}.configure_optimizers returned none; configure "
+                "an optimizer or use criterion='magnitude' or 'taylor'"
+            )
+        return groups
+
+    @hookimpl
     def shrink_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Resolve the schedule in optimizer steps and find how the parameters are distributed."""
         cfg = self.config
@@ -146,6 +177,16 @@ class PruningPlugin(TechniquePlugin):
             )
         if self._restored is not None:
             check_resume(self.name, self._restored, self._record())
+        elif (
+            self.criterion.needs_gradients
+            and self.schedule.is_update_step(0)
+            and self.schedule.sparsity(0) > 0
+        ):
+            raise ValueError(
+                f"{OWNER} ({self.name!r}): criterion={self.criterion.name!r} scores weights from their "
+                f"gradients, but the schedule prunes to {self.schedule.sparsity(0):g} at step 0, before any "
+                "gradient: set `start_step` >= 1 or `initial_sparsity=0`"
+            )
         self.keeps = []
         self._active = []
         self._started = False
@@ -175,6 +216,8 @@ class PruningPlugin(TechniquePlugin):
                 ]
             self.last_update_step = restored.get("last_update_step")
             self.update_count = int(restored.get("update_count", 0))
+            if "criterion" in restored or self.criterion.name != "magnitude":
+                self.criterion.load_state_dict(restored.get("criterion", {}))
         else:
             self.last_update_step = None
             self.update_count = 0
@@ -212,16 +255,25 @@ class PruningPlugin(TechniquePlugin):
         if not self._started and self.targets:
             self._start(trainer)
 
+    @hookimpl
+    def shrink_after_backward(self, trainer: pl.Trainer) -> None:
+        """Movement criteria: set the scores' gradient from the weights' (every micro-batch)."""
+        if self._started:
+            self.criterion.after_backward()
+
     @hookimpl(trylast=True)
     def shrink_before_optimizer_step(self, trainer: pl.Trainer) -> None:
         """With ``mask_gradients``: zero the gradients of pruned weights, after other plugins changed
-        the gradients."""
-        if not self.config.mask_gradients:
-            return
+        the gradients; then update the criterion's statistics (Taylor) from the final gradients."""
         if not self._started:
             if not self.targets:
                 return
             self._start(trainer)
+        if self.config.mask_gradients:
+            self._mask_gradients()
+        self.criterion.before_optimizer_step()
+
+    def _mask_gradients(self) -> None:
         grads, masks = [], []
         for i in self._active:
             grad = self.params[i].grad
@@ -259,18 +311,28 @@ class PruningPlugin(TechniquePlugin):
     def _update(self, trainer: pl.Trainer, step: int) -> None:
         """Recompute the masks for ``step``."""
         assert self.schedule is not None
+        if self.criterion.needs_gradients and self.criterion.steps == 0 and self.schedule.sparsity(step) > 0:
+            raise ValueError(
+                f"{OWNER} ({self.name!r}): criterion={self.criterion.name!r} scores weights from their "
+                f"gradients, and the mask update at step {step} (sparsity "
+                f"{self.schedule.sparsity(step):.4g}) comes before any gradient was seen: the scores are all "
+                "equal. Start pruning later or resume from a checkpoint written with this criterion"
+            )
         new = list(self.keeps)
         with torch.no_grad():
             for indices in group_indices(self.targets).values():
                 final = self.targets[indices[0]].final_sparsity
+                transposed = [self.targets[i].transposed for i in indices]
+                keeps = [self.keeps[i] for i in indices]
                 masks = compute_masks(
                     [local_tensor(self.params[i]) for i in indices],
-                    [self.keeps[i] for i in indices],
-                    [self.targets[i].transposed for i in indices],
+                    keeps,
+                    transposed,
                     [self.params[i].numel() for i in indices],
                     self.schedule.sparsity(step, final),
                     self.config.pattern,
                     self._comm,
+                    scores=self.criterion.scores(indices, keeps, transposed, self.config.pattern),
                 )
                 for i, m in zip(indices, masks, strict=True):
                     new[i] = m
@@ -341,6 +403,7 @@ class PruningPlugin(TechniquePlugin):
         if not self._started:
             return None
         metrics = {self.key("sparsity"): self.sparsity, self.key("target_sparsity"): self.target_now}
+        metrics.update({self.key(k): v for k, v in self.criterion.metrics().items()})
         if self._layers_pending and self.config.log_layer_sparsity:
             metrics.update({self.key(f"sparsity/{name}"): v for name, v in self.layer_sparsity.items()})
         self._layers_pending = False
@@ -383,6 +446,7 @@ class PruningPlugin(TechniquePlugin):
             "sharded": self._comm.sharded,
             "sparsity": self.sparsity,
             "pattern": str(self.config.pattern),
+            "criterion": self.criterion.state_dict(),
         }
 
     @hookimpl
