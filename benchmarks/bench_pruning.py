@@ -13,7 +13,12 @@ pruned to 80% (one global magnitude threshold):
 - ``ModelPruning``: Lightning's callback (``torch.nn.utils.prune``: a forward pre-hook recomputes
   ``weight = weight_orig * mask`` on every forward, and backward goes through that product);
 - ``bare mul_``: a hand-written optimizer step post-hook that does ``weight.mul_(mask)`` per layer
-  with float masks, the minimal way to keep weights pruned.
+  with float masks, the minimal way to keep weights pruned;
+- ``criterion='movement'`` and ``criterion='taylor'``: the same pruning with the importance criteria
+  that learn from gradients (movement: a float32 score per pruned weight, its gradient ``W * grad``
+  set after every backward and the scores stepped by the same AdamW; taylor: two moving averages per
+  pruned weight updated before every step). They prune at step 1 (they need one gradient), inside
+  the untimed first step.
 
 Also measured once: the time of one mask update (exact global threshold over the 36 layers).
 
@@ -197,6 +202,8 @@ def main() -> None:
         "GradualMagnitudePruning (mask_gradients=True)",
         "ModelPruning",
         "bare mul_",
+        "criterion='movement'",
+        "criterion='taylor'",
     ]
     modules = {name: copy.deepcopy(base) for name in names}
     layers = encoder_linears(modules["plain"])
@@ -209,6 +216,12 @@ def main() -> None:
     gmp_grads = GradualMagnitudePruning(
         SPARSITY, schedule="constant", start_step=0, modules=["model.bert.encoder.*"], mask_gradients=True
     )
+    by_criterion = {
+        c: GradualMagnitudePruning(
+            SPARSITY, schedule="constant", start_step=1, modules=["model.bert.encoder.*"], criterion=c
+        )
+        for c in ("movement", "taylor")
+    }
     mp_module = modules["ModelPruning"]
     model_pruning = ModelPruning(
         "l1_unstructured",
@@ -226,6 +239,8 @@ def main() -> None:
         "GradualMagnitudePruning (mask_gradients=True)": lambda r: [gmp_grads],
         "ModelPruning": lambda r: [model_pruning, PruneOnce(model_pruning)] if r == 0 else [],
         "bare mul_": lambda r: [bare],
+        "criterion='movement'": lambda r: [by_criterion["movement"]],
+        "criterion='taylor'": lambda r: [by_criterion["taylor"]],
     }
     times: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
@@ -268,6 +283,17 @@ def main() -> None:
         )
         update_s.append(time.perf_counter() - t0)
 
+    # What the criteria add per step besides the forward/backward, on the same tensors.
+    movement, taylor = by_criterion["movement"].plugin.criterion, by_criterion["taylor"].plugin.criterion
+    for p in movement.params:
+        p.grad = torch.randn_like(p)
+    criterion_ms = {
+        "criterion='movement' (score gradients, per micro-batch)": median_ms(movement.after_backward),
+        "criterion='taylor' (moving averages, per step)": median_ms(taylor.before_optimizer_step),
+    }
+    for p in movement.params:
+        p.grad = None
+
     seconds = {name: statistics.median(times[name]) for name in names}
     ratio = {name: seconds[name] / seconds["plain"] for name in names}
     cpu_seconds = {name: statistics.median(cpu[name]) for name in names}
@@ -294,12 +320,14 @@ def main() -> None:
             "GradualMagnitudePruning": plugin_ms,
             "GradualMagnitudePruning (mask_gradients=True)": 2 * plugin_ms,
             "bare mul_": bare_ms,
+            **criterion_ms,
         },
         "enforcement_ratio_estimate": {
             "GradualMagnitudePruning": 1 + plugin_ms / 1000 / cpu_seconds["plain"],
             "GradualMagnitudePruning (mask_gradients=True)": 1 + 2 * plugin_ms / 1000 / cpu_seconds["plain"],
             "bare mul_": 1 + bare_ms / 1000 / cpu_seconds["plain"],
         },
+        "ratio_to_magnitude": {name: seconds[name] / seconds["GradualMagnitudePruning"] for name in names},
         "load_average": os.getloadavg(),
         "steps_timed": {name: len(times[name]) for name in names},
         "measured_sparsity": sparsity,
@@ -332,6 +360,13 @@ def main() -> None:
         f"loop of per-layer multiplies by float masks); relative to the plain step's CPU time: "
         f"{est['GradualMagnitudePruning']:.3f}x and {est['bare mul_']:.3f}x. Load average during the run: "
         f"{', '.join(f'{x:.1f}' for x in results['load_average'])} (2 cores)."
+    )
+    print(
+        "\nCriteria, on the same tensors: "
+        + "; ".join(f"{k}: {v:.1f} ms" for k, v in criterion_ms.items())
+        + ". Step time relative to magnitude pruning: "
+        + ", ".join(f"{n} {results['ratio_to_magnitude'][n]:.3f}x" for n in names[-2:])
+        + "."
     )
     print(
         f"\nOne mask update (exact global threshold over {n_pruned / 1e6:.1f}M weights): "
