@@ -80,3 +80,26 @@ def test_gpu_fsdp1_with_pruning():
     )
     trainer.fit(module, token_dataloader(n=128, batch_size=8))
     assert trainer.global_step == 8
+
+
+def test_gpu_two_four_pruned_linears_become_semi_structured_with_the_same_outputs():
+    from torch.sparse import SparseSemiStructuredTensor
+
+    from lightning_shrink.testing.models import TinyClassifier, random_classification_data
+
+    torch.manual_seed(0)
+    # 2:4 needs shapes that are multiples of the kernels' tiles (64 x 64 covers float16 and bfloat16)
+    model = TinyClassifier(in_features=64, hidden=128, num_classes=2)
+    cb = GradualMagnitudePruning(0.5, pattern="2:4", schedule="constant", frequency=100)
+    loader = torch.utils.data.DataLoader(random_classification_data(64, in_features=64), batch_size=16)
+    trainer = cpu_trainer(accelerator="gpu", devices=1, max_steps=2, deterministic=False, callbacks=[cb])
+    trainer.fit(model, loader)
+    dense = model.net.cuda().half().eval()
+    x = torch.randn(128, 64, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        expected = dense(x)
+    sparse = convert(dense, semi_structured=True)
+    assert isinstance(sparse[0].weight, SparseSemiStructuredTensor)
+    assert isinstance(sparse[2].weight, SparseSemiStructuredTensor)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), expected, rtol=1e-2, atol=1e-2)

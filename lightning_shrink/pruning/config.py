@@ -138,6 +138,9 @@ class PruningConfig:
         if isinstance(options, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in options):
             options = dict(options)
         _set(self, "criterion_options", check_criterion_options(OWNER, self.criterion, options))
+        from lightning_shrink.pruning.structured import check_structured_config  # imports this module
+
+        check_structured_config(self)
 
     @property
     def selector(self) -> ModuleSelector:

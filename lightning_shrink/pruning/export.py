@@ -12,6 +12,12 @@ a pruned and quantized weight is stored as a bitmask plus its int8 non-zeros. :f
 runs first (``tryfirst``) and restores the exact tensor before other plugins decode. A damaged encoding
 (a dtype that is not a torch dtype, a shape, bitmask or number of values that do not fit together, a
 piece without its metadata or metadata without its pieces) is a ``ValueError`` naming the tensor.
+
+Structured pruning (:mod:`lightning_shrink.pruning.shrink`): :func:`shrink_convert` physically removes
+heads and neurons whose weights are all zero (before quantization converts the smaller layers);
+:func:`shrink_export` records each shrunk layer's number of groups and parameter shapes in
+``metadata["structure"]``, and :func:`shrink_load_model` shrinks the rebuilt model to them (first,
+before quantization restores its int8 layers), checking every number and shape.
 """
 
 from __future__ import annotations
@@ -23,11 +29,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_shrink.hookspecs import hookimpl
+from lightning_shrink.pruning import shrink as _shrink
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["MASK_SUFFIX", "METADATA_KEY", "VALUES_SUFFIX", "decode", "encode", "shrink_export", "shrink_load"]
+__all__ = [
+    "MASK_SUFFIX",
+    "METADATA_KEY",
+    "VALUES_SUFFIX",
+    "decode",
+    "encode",
+    "shrink_convert",
+    "shrink_export",
+    "shrink_load",
+    "shrink_load_model",
+]
 
 METADATA_KEY = "pruning"
 MASK_SUFFIX = ".__pruning_bitmask__"
@@ -62,12 +79,28 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+@hookimpl(tryfirst=True)
+def shrink_convert(model: nn.Module) -> None:
+    """Remove heads and neurons whose weights are all zero (before quantization converts the layers)."""
+    _shrink.shrink_zero_groups(model)
+
+
+@hookimpl(tryfirst=True)
+def shrink_load_model(model: nn.Module, metadata: Mapping[str, Any]) -> None:
+    """Shrink the rebuilt model to the recorded heads and neurons (before int8 layers are restored)."""
+    if _shrink.METADATA_KEY in metadata:
+        _shrink.apply_structure(model, metadata[_shrink.METADATA_KEY])
+
+
 @hookimpl(trylast=True)
 def shrink_export(
     model: nn.Module, tensors: MutableMapping[str, torch.Tensor], metadata: MutableMapping[str, Any]
 ) -> None:
-    """Store tensors that are at least half zeros as a bitmask and their non-zeros (after quantization
-    encoded its tensors)."""
+    """Record physically shrunk layers; store tensors that are at least half zeros as a bitmask and
+    their non-zeros (after quantization encoded its tensors)."""
+    structure = _shrink.structure_of(model)
+    if structure is not None:
+        metadata[_shrink.METADATA_KEY] = structure
     encoded: dict[str, dict[str, Any]] = {}
     for name in list(tensors):
         tensor = tensors[name]

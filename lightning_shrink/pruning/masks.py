@@ -42,8 +42,9 @@ _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 @dataclass(frozen=True)
 class Pattern:
-    """A parsed mask pattern: ``kind`` is ``"unstructured"``, ``"nm"`` or ``"rows"``; for ``"nm"``,
-    ``n`` weights are kept in every group of ``m`` consecutive weights along the input dimension."""
+    """A parsed mask pattern: ``kind`` is ``"unstructured"``, ``"nm"``, ``"rows"``, or ``"heads"`` /
+    ``"neurons"`` (whole groups, see :mod:`lightning_shrink.pruning.structured`); for ``"nm"``, ``n``
+    weights are kept in every group of ``m`` consecutive weights along the input dimension."""
 
     kind: str
     n: int = 0
@@ -59,7 +60,7 @@ class Pattern:
 
 
 def parse_pattern(pattern: str, owner: str = "GradualMagnitudePruning") -> Pattern:
-    """Parse ``"unstructured"``, ``"rows"`` or ``"N:M"``.
+    """Parse ``"unstructured"``, ``"rows"``, ``"heads"``, ``"neurons"`` or ``"N:M"``.
 
     Raises:
         TypeError: ``pattern`` is not a string.
@@ -68,12 +69,13 @@ def parse_pattern(pattern: str, owner: str = "GradualMagnitudePruning") -> Patte
     """
     if not isinstance(pattern, str):
         raise TypeError(f"{owner}: `pattern` must be a string, got {pattern!r}")
-    if pattern in ("unstructured", "rows"):
+    if pattern in ("unstructured", "rows", "heads", "neurons"):
         return Pattern(pattern)
     match = _NM.match(pattern)
     if match is None:
         raise ValueError(
-            f"{owner}: `pattern` must be 'unstructured', 'rows' or 'N:M' such as '2:4', got {pattern!r}"
+            f"{owner}: `pattern` must be 'unstructured', 'rows', 'heads', 'neurons' or 'N:M' such as '2:4', "
+            f"got {pattern!r}"
         )
     n, m = int(match.group(1)), int(match.group(2))
     if n < 1 or n >= m:

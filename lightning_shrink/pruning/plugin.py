@@ -27,6 +27,13 @@ from lightning_shrink.pruning.report import report_rows, shortfall, shortfall_wa
 from lightning_shrink.pruning.schedule import PruningSchedule
 from lightning_shrink.pruning.selection import PruneTarget, group_indices, select_targets
 from lightning_shrink.pruning.state import STATE_VERSION, check_resume, is_pruning_state, resume_record
+from lightning_shrink.pruning.structured import (
+    STRUCTURED_KINDS,
+    GroupSpec,
+    structured_shortfall,
+    structured_targets,
+    structured_update,
+)
 from lightning_shrink.types import ParamGroup, ReportRow
 
 if TYPE_CHECKING:
@@ -50,6 +57,8 @@ class PruningPlugin(TechniquePlugin):
     def __init__(self, config: PruningConfig) -> None:
         super().__init__(config)
         self.targets: list[PruneTarget] = []
+        #: The layers' head or neuron groups of a structured pattern (``None`` otherwise).
+        self.group_specs: list[GroupSpec] | None = None
         self.params: list[torch.nn.Parameter] = []
         self.keeps: list[torch.Tensor] = []
         self.schedule: PruningSchedule | None = None
@@ -91,7 +100,10 @@ class PruningPlugin(TechniquePlugin):
         if stage != "fit":
             return
         cfg = self.config
-        self.targets = select_targets(pl_module, cfg)
+        if cfg.pattern.kind in STRUCTURED_KINDS:
+            self.targets, self.group_specs = structured_targets(pl_module, cfg)
+        else:
+            self.targets, self.group_specs = select_targets(pl_module, cfg), None
         named = dict(pl_module.named_parameters(remove_duplicate=False))
         for t in self.targets:
             check_divides(named[t.name].shape, t.transposed, cfg.pattern, t.name)
@@ -162,6 +174,11 @@ class PruningPlugin(TechniquePlugin):
         named = dict(pl_module.named_parameters(remove_duplicate=False))
         self.params = [named[t.name] for t in self.targets]
         if any(is_dtensor(p) for p in self.params):
+            if self.group_specs is not None:
+                raise ValueError(
+                    f"{OWNER} ({self.name!r}): `pattern='{cfg.pattern}'` does not support sharded (FSDP2) "
+                    "parameters; prune heads or neurons under DDP or on one device"
+                )
             self._comm = sharded_comm(self.targets, self.params, cfg.pattern)
             self._replicated_world = 1
         else:
@@ -320,22 +337,38 @@ class PruningPlugin(TechniquePlugin):
             )
         new = list(self.keeps)
         with torch.no_grad():
-            for indices in group_indices(self.targets).values():
-                final = self.targets[indices[0]].final_sparsity
-                transposed = [self.targets[i].transposed for i in indices]
-                keeps = [self.keeps[i] for i in indices]
-                masks = compute_masks(
-                    [local_tensor(self.params[i]) for i in indices],
-                    keeps,
-                    transposed,
-                    [self.params[i].numel() for i in indices],
-                    self.schedule.sparsity(step, final),
-                    self.config.pattern,
-                    self._comm,
-                    scores=self.criterion.scores(indices, keeps, transposed, self.config.pattern),
+            if self.group_specs is not None:
+                new = structured_update(
+                    self.group_specs,
+                    self.targets,
+                    self.params,
+                    self.keeps,
+                    self.schedule.sparsity(step, self.config.target_sparsity),
+                    self.config.scope,
+                    scores=self.criterion.scores(
+                        list(range(len(self.targets))),
+                        self.keeps,
+                        [t.transposed for t in self.targets],
+                        self.config.pattern,
+                    ),
                 )
-                for i, m in zip(indices, masks, strict=True):
-                    new[i] = m
+            else:
+                for indices in group_indices(self.targets).values():
+                    final = self.targets[indices[0]].final_sparsity
+                    transposed = [self.targets[i].transposed for i in indices]
+                    keeps = [self.keeps[i] for i in indices]
+                    masks = compute_masks(
+                        [local_tensor(self.params[i]) for i in indices],
+                        keeps,
+                        transposed,
+                        [self.params[i].numel() for i in indices],
+                        self.schedule.sparsity(step, final),
+                        self.config.pattern,
+                        self._comm,
+                        scores=self.criterion.scores(indices, keeps, transposed, self.config.pattern),
+                    )
+                    for i, m in zip(indices, masks, strict=True):
+                        new[i] = m
         self.keeps = self._broadcast(new)
         self.last_update_step = step
         self.update_count += 1
@@ -467,4 +500,6 @@ class PruningPlugin(TechniquePlugin):
             )
 
     def _shortfall(self) -> list[str]:
+        if self.group_specs is not None:
+            return structured_shortfall(self.group_specs, self.targets, self.keeps, self.config.scope)
         return shortfall(self.targets, self.params, self._pruned, self.config)
