@@ -286,3 +286,23 @@ def test_ddp_ranks_hold_identical_structured_masks(tmp_path):
         assert torch.equal(mask, r1["masks"][name]), name
     query = r0["masks"]["model.bert.encoder.layer.0.attention.self.query.weight"]
     assert int((~query).all(1).sum()) in (0, 8, 16, 24)  # whole 8-row heads
+
+
+@pytest.mark.parametrize("criterion", ["movement", "taylor"])
+def test_structured_patterns_rank_groups_by_a_learned_criterion(criterion):
+    """A learned criterion drives the structured pattern: whole heads are pruned to the target from the
+    criterion's per-weight scores (summed over each group), which cover every pruned parameter."""
+    run = dict(start_step=2, end_step=4, frequency=2, scope="layer")
+    learned = GradualMagnitudePruning(0.5, pattern="heads", criterion=criterion, **run)
+    module, _ = _fit(bert4, learned)
+    params = dict(module.named_parameters())
+    for spec in learned.plugin.group_specs:
+        assert int(pruned_groups(spec, params).sum()) == 2
+    assert learned.sparsity == pytest.approx(0.5)
+    scores = learned.plugin.criterion.scores(
+        list(range(len(learned.plugin.targets))),
+        learned.plugin.keeps,
+        [t.transposed for t in learned.plugin.targets],
+        learned.plugin.config.pattern,
+    )
+    assert scores is not None and len(scores) == len(learned.plugin.targets)
