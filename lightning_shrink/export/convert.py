@@ -6,6 +6,8 @@ import copy
 
 from torch import nn
 
+from lightning_shrink.adapters.export import merge_adapters as merge_lora
+from lightning_shrink.adapters.export import resolve_merge
 from lightning_shrink.manager import ShrinkPluginManager, get_plugin_manager
 
 
@@ -14,7 +16,10 @@ def _signature(model: nn.Module) -> list[tuple[str, type]]:
 
 
 def convert(
-    model: nn.Module, inplace: bool = False, pluginmanager: ShrinkPluginManager | None = None
+    model: nn.Module,
+    inplace: bool = False,
+    pluginmanager: ShrinkPluginManager | None = None,
+    merge_adapters: bool | None = None,
 ) -> nn.Module:
     """Convert a trained model into its compressed inference form.
 
@@ -26,9 +31,13 @@ def convert(
         inplace: Convert ``model`` itself; by default a deep copy is converted and ``model``
             stays trainable.
         pluginmanager: The manager whose plugins convert; default :func:`get_plugin_manager`.
+        merge_adapters: For a model with peft LoRA adapters: fold them into the base weights
+            before quantizing (``True``: one int8 weight per layer, no peft layers left) or keep them
+            in float over int8 base layers (``False``). ``None`` follows how training fake-quantized
+            them (``QuantizationAwareTraining(adapters=...)``: ``"merged"`` merges). See docs/peft.md.
 
     Returns:
-        The converted model (``model`` itself when ``inplace``).
+        The converted model (``model`` itself when ``inplace``; merged, a ``PeftModel``'s base model).
 
     Raises:
         ValueError: If no plugin converted anything, e.g. the model was never prepared by
@@ -38,6 +47,8 @@ def convert(
         raise TypeError(f"convert: `model` must be a torch.nn.Module, got {type(model).__name__}")
     pm = pluginmanager if pluginmanager is not None else get_plugin_manager()
     target = model if inplace else copy.deepcopy(model)
+    if resolve_merge(target, merge_adapters, "convert"):
+        target = merge_lora(target)
     before = _signature(target)
     pm.hook.shrink_convert(model=target)
     if _signature(target) == before:
