@@ -31,8 +31,10 @@ __all__ = [
     "has_lora",
     "lora_layers",
     "mask_lora_deltas",
+    "privacy_problems",
     "quantize_lora_merged",
     "require_peft",
+    "unsupported_layers",
 ]
 
 #: What to install for the features that need peft.
@@ -87,16 +89,11 @@ def _variant_names(module: nn.Module) -> list[str]:
     return names
 
 
-def check_supported(model: nn.Module, owner: str) -> None:
-    """Refuse peft layers the techniques do not handle, naming the layer and the method.
-
-    Raises:
-        ValueError: a tuner layer that is not plain LoRA on a ``Linear`` (DoRA and other LoRA
-            variants, ``lora_bias``, LoRA on embeddings or convolutions, other peft methods).
-    """
+def unsupported_layers(model: nn.Module) -> list[str]:
+    """What :func:`check_supported` refuses, one line per layer."""
     layers = lora_layers(model)
     if not layers:
-        return
+        return []
     from peft.tuners.lora import Linear
 
     problems = []
@@ -113,6 +110,17 @@ def check_supported(model: nn.Module, owner: str) -> None:
             problems.append(f"{name} has lora_bias=True")
         if getattr(module, "merged_adapters", None):
             problems.append(f"{name} has merged adapters {module.merged_adapters} (unmerge them first)")
+    return problems
+
+
+def check_supported(model: nn.Module, owner: str) -> None:
+    """Refuse peft layers the techniques do not handle, naming the layer and the method.
+
+    Raises:
+        ValueError: a tuner layer that is not plain LoRA on a ``Linear`` (DoRA and other LoRA
+            variants, ``lora_bias``, LoRA on embeddings or convolutions, other peft methods).
+    """
+    problems = unsupported_layers(model)
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise ValueError(
@@ -213,3 +221,43 @@ def quantize_lora_merged(model: nn.Module, prepared: Iterable[nn.Module]) -> lis
         for name in names:
             adopt(model.get_submodule(name))
     return names
+
+
+def privacy_problems(model: nn.Module) -> list[str]:
+    """Why per-example clipping of a LoRA model's adapter gradients would be wrong (empty: it is
+    right): unsupported peft layers, adapters computed as a dense delta outside ``lora_A``/``lora_B``
+    (pruned base weights, merged fake quantization), a trainable parameter shared by several adapter
+    modules (its per-example gradient would be split across layers)."""
+    layers = lora_layers(model)
+    if not layers:
+        return []
+    problems = [
+        f"{line}: lightning-shrink supports LoRA on Linear layers only" for line in unsupported_layers(model)
+    ]
+    from lightning_shrink.adapters.lora_layer import dense_adapter_path
+
+    dense = [name for name, layer in layers.items() if dense_adapter_path(layer)]
+    if dense:
+        problems.append(
+            f"the LoRA layers {dense[:3]}{'...' if len(dense) > 3 else ''} compute their adapter as a "
+            "dense delta (their base weight is pruned, or QuantizationAwareTraining(adapters='merged') "
+            "fake-quantizes the merged weight), outside the lora_A/lora_B layers whose per-example "
+            "gradients are computed; use QuantizationAwareTraining(adapters='base') and prune in a run "
+            "without DifferentialPrivacy"
+        )
+    roles = adapter_roles(model)
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) not in roles.adapters:
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if param.requires_grad:
+                owners.setdefault(id(param), []).append(f"{name}.{pname}")
+    shared = [names for names in owners.values() if len(names) > 1]
+    for names in shared[:3]:
+        problems.append(
+            f"the trainable adapter parameter {names[0]} is shared with {names[1:]}: its per-example "
+            "gradient is the sum over the layers that use it, which per-layer clipping does not "
+            "compute; give each adapter its own parameters"
+        )
+    return problems

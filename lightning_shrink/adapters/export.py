@@ -172,8 +172,8 @@ def peft_section(model: nn.Module) -> dict[str, Any]:
     configs = dict(model.peft_config)
     if len(configs) != 1:
         raise ValueError(
-            f"export: the PeftModel holds the adapters {sorted(configs)}; a base + adapters export holds one. "
-            "Delete the others (model.delete_adapter) or export with merge_adapters=True"
+            f"export: the PeftModel holds the adapters {sorted(configs)}; a base + adapters export holds "
+            "one. Delete the others (model.delete_adapter) or export with merge_adapters=True"
         )
     ((adapter, config),) = configs.items()
     if not isinstance(config, peft.LoraConfig):
@@ -184,8 +184,8 @@ def peft_section(model: nn.Module) -> dict[str, Any]:
             continue
         if getattr(config, f.name) != getattr(default, f.name):
             raise ValueError(
-                f"export: LoraConfig.{f.name}={getattr(config, f.name)!r} is not supported by a base + adapters "
-                "export (it records plain LoRA only); export with merge_adapters=True"
+                f"export: LoraConfig.{f.name}={getattr(config, f.name)!r} is not supported by a base + "
+                "adapters export (it records plain LoRA only); export with merge_adapters=True"
             )
     fields = {name: _json_value(getattr(config, name)) for name in RECORDED_FIELDS}
     return {**section, "adapter_name": adapter, "lora_config": fields}

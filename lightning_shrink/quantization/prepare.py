@@ -33,7 +33,8 @@ def select_layers(
     ``config.modules`` of ``None`` selects every supported layer (``nn.Linear``, ``nn.Conv1d/2d/3d``,
     transformers' ``Conv1D`` and, with ``config.embeddings``, ``nn.Embedding``). A layer already
     prepared counts as its float class. Under peft LoRA adapters the base layers are selected, never
-    ``lora_A``/``lora_B``; ``modules_to_save`` copies only when ``modules`` names them. A ``Linear`` whose weight is an embedding's table (a tied
+    ``lora_A``/``lora_B``; ``modules_to_save`` copies only when ``modules`` names them.
+    A ``Linear`` whose weight is an embedding's table (a tied
     language-model head) is selected with that embedding and shares its quantized table.
 
     Raises:
