@@ -6,6 +6,8 @@ import copy
 
 from torch import nn
 
+from lightning_shrink.adapters.export import merge_adapters as merge_lora
+from lightning_shrink.adapters.export import resolve_merge
 from lightning_shrink.config import check_bool
 from lightning_shrink.manager import ShrinkPluginManager, get_plugin_manager
 from lightning_shrink.pruning.semi_structured import check_semi_structured_available, to_semi_structured
@@ -33,6 +35,7 @@ def convert(
     pluginmanager: ShrinkPluginManager | None = None,
     *,
     semi_structured: bool = False,
+    merge_adapters: bool | None = None,
 ) -> nn.Module:
     """Convert a trained model into its compressed inference form.
 
@@ -50,9 +53,13 @@ def convert(
             ``torch.sparse`` semi-structured tensor (CUDA only, frozen; pays at large batches, see
             :mod:`lightning_shrink.pruning.semi_structured`). Off by default: it is refused without a
             CUDA device.
+        merge_adapters: For a model with peft LoRA adapters: fold them into the base weights
+            before quantizing (``True``: one int8 weight per layer, no peft layers left) or keep them
+            in float over int8 base layers (``False``). ``None`` follows how training fake-quantized
+            them (``QuantizationAwareTraining(adapters=...)``: ``"merged"`` merges). See docs/peft.md.
 
     Returns:
-        The converted model (``model`` itself when ``inplace``).
+        The converted model (``model`` itself when ``inplace``; merged, a ``PeftModel``'s base model).
 
     Raises:
         ValueError: If nothing was converted, e.g. the model was never prepared by
@@ -66,6 +73,8 @@ def convert(
         check_semi_structured_available()
     pm = pluginmanager if pluginmanager is not None else get_plugin_manager()
     target = model if inplace else copy.deepcopy(model)
+    if resolve_merge(target, merge_adapters, "convert"):
+        target = merge_lora(target)
     before = _signature(target)
     pm.hook.shrink_convert(model=target)
     if semi_structured:

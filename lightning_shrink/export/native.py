@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Mapping
@@ -11,6 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_shrink.adapters.export import SECTION as PEFT_SECTION
+from lightning_shrink.adapters.export import merge_adapters as merge_lora
+from lightning_shrink.adapters.export import peft_builder, peft_section, resolve_merge, restore_lora
 from lightning_shrink.export.architecture import _architecture, _builder
 from lightning_shrink.export.atomic import (
     _clean_stale,
@@ -37,6 +41,7 @@ def export(
     init_args: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     pluginmanager: ShrinkPluginManager | None = None,
+    merge_adapters: bool | None = None,
 ) -> Path:
     """Write ``model`` in its compressed form to ``directory``.
 
@@ -68,6 +73,11 @@ def export(
         overwrite: Replace an existing export in ``directory``. Only an export is replaced: a
             non-empty directory without ``shrink_config.json``, or a file, is refused.
         pluginmanager: The manager whose plugins encode; default :func:`get_plugin_manager`.
+        merge_adapters: For a model with peft LoRA adapters: write the merged model (``True``: a copy
+            with the adapters folded into the base weights, loaded as the plain base architecture) or
+            the compressed base weights plus the float adapters (``False``; a ``PeftModel`` records its
+            ``LoraConfig`` fields and :func:`load` rebuilds it with ``peft.get_peft_model``). ``None``
+            follows ``QuantizationAwareTraining(adapters=...)`` (``"merged"`` merges). See docs/peft.md.
 
     Returns:
         The directory.
@@ -95,11 +105,20 @@ def export(
                     f"has no {CONFIG_NAME}); choose another directory or remove it yourself"
                 )
         pm = pluginmanager if pluginmanager is not None else get_plugin_manager()
+        lora: dict[str, Any] | None = None
+        merge = resolve_merge(model, merge_adapters, "export")
+        if merge:
+            model = merge_lora(copy.deepcopy(model))
+        elif merge is False:
+            lora = peft_section(model)
+        built = model.get_base_model() if lora is not None and "lora_config" in lora else model
         metadata: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "architecture": _architecture(model, init_args),
+            "architecture": _architecture(built, init_args),
         }
+        if lora is not None:
+            metadata[PEFT_SECTION] = lora
         tensors: dict[str, torch.Tensor] = {k: v.detach() for k, v in model.state_dict().items()}
         pm.hook.shrink_export(model=model, tensors=tensors, metadata=metadata)
         # Tied weights (embeddings and LM heads) are written once; the others are recorded as aliases.
@@ -125,7 +144,7 @@ def export(
         with staged_directory(target) as tmp:
             save_file(out, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             if metadata["architecture"]["kind"] == "transformers":
-                model.config.save_pretrained(tmp)
+                built.config.save_pretrained(tmp)
             (tmp / CONFIG_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
             for path in tmp.iterdir():
                 _fsync(path)
@@ -270,6 +289,9 @@ def _load(
 ) -> nn.Module:
     metadata = _read_metadata(path)
     build = None if model is not None else _builder(path, metadata, trust_remote_code)
+    section = metadata.get(PEFT_SECTION)
+    if build is not None and isinstance(section, dict) and "lora_config" in section:
+        build = peft_builder(build, metadata[PEFT_SECTION], repr(str(path / CONFIG_NAME)))
     tensors = _read_tensors(path)
     pm = pluginmanager if pluginmanager is not None else get_plugin_manager()
     pm.hook.shrink_load(tensors=tensors, metadata=metadata)
@@ -284,6 +306,8 @@ def _load(
         model = build()
     assert model is not None
     pm.hook.shrink_load_model(model=model, metadata=metadata)
+    if PEFT_SECTION in metadata:
+        restore_lora(model, metadata[PEFT_SECTION], repr(str(path / CONFIG_NAME)))
     expected = model.state_dict(keep_vars=True)
     for key, value in tensors.items():
         ref = expected.get(key)

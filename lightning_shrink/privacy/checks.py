@@ -18,6 +18,7 @@ from opacus.grad_sample.grad_sample_module import GradSampleHooks
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from lightning_shrink.adapters import privacy_problems
 from lightning_shrink.lightning import compat
 from lightning_shrink.privacy.errors import PrivacyError
 from lightning_shrink.privacy.layers import is_fake_quantized, trainable_direct, uncovered_parameters
@@ -147,6 +148,7 @@ def check_model(pl_module: pl.LightningModule) -> None:
             continue  # the Trainer sets train mode itself; batch norm is reported above
         problems.append(text)
     problems += _fake_quantization_problems(pl_module)
+    problems += privacy_problems(pl_module)
     _fail("the model cannot be trained with per-sample gradient clipping", problems)
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_shrink.adapters import check_supported, mask_lora_deltas
 from lightning_shrink.hookspecs import hookimpl
 from lightning_shrink.lightning import compat
 from lightning_shrink.lightning.technique import TechniquePlugin
@@ -95,15 +96,17 @@ class PruningPlugin(TechniquePlugin):
 
     @hookimpl
     def shrink_configure_model(self, pl_module: pl.LightningModule, stage: str) -> None:
-        """Select the parameters to prune; refuse patterns that match nothing and overlaps with other
-        pruning callbacks."""
+        """Select the parameters to prune (LoRA: the base weights, their adapters masked alike); refuse
+        patterns that match nothing and overlaps with other pruning callbacks."""
         if stage != "fit":
             return
         cfg = self.config
+        check_supported(pl_module, OWNER)
         if cfg.pattern.kind in STRUCTURED_KINDS:
             self.targets, self.group_specs = structured_targets(pl_module, cfg)
         else:
             self.targets, self.group_specs = select_targets(pl_module, cfg), None
+        mask_lora_deltas(pl_module, [t.name for t in self.targets])
         named = dict(pl_module.named_parameters(remove_duplicate=False))
         for t in self.targets:
             check_divides(named[t.name].shape, t.transposed, cfg.pattern, t.name)

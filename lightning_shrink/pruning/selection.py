@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lightning_shrink.adapters import adapter_roles
 from lightning_shrink.pruning.config import OWNER, PruningConfig
 
 __all__ = ["PruneTarget", "default_module_types", "group_indices", "is_conv1d", "select_targets"]
@@ -77,7 +78,9 @@ def select_targets(model: nn.Module, config: PruningConfig) -> list[PruneTarget]
     Modules are chosen by ``config.selector`` (the one module selector of every technique: each pattern
     of ``modules`` and ``exclude_modules`` must match a module name; a module named exactly in
     ``modules`` that is not one of ``module_types`` is a ``TypeError``); the parameters pruned are those
-    of ``parameter_names`` that require gradients.
+    of ``parameter_names`` that require gradients, and the frozen base weights under peft LoRA adapters
+    (the adapters themselves and the frozen originals of ``modules_to_save`` are never selected, the
+    ``modules_to_save`` copies only when ``modules`` names them; see :mod:`lightning_shrink.adapters`).
 
     Raises:
         TypeError: ``modules`` names a module that is not one of ``module_types``.
@@ -87,8 +90,12 @@ def select_targets(model: nn.Module, config: PruningConfig) -> list[PruneTarget]
     types = config.module_types if config.module_types is not None else default_module_types()
     type_names = ", ".join(t.__name__ for t in types)
     modules = config.modules
+    roles = adapter_roles(model)
 
     def supported(name: str, module: nn.Module) -> str | None:
+        reason = roles.unsupported(module, explicit=modules is not None)
+        if reason is not None:
+            return reason
         if isinstance(module, types):
             return None
         return f"it is a {type(module).__name__}, not one of `module_types` ({type_names})"
@@ -124,7 +131,8 @@ def select_targets(model: nn.Module, config: PruningConfig) -> list[PruneTarget]
         if module_name == output_layer:
             continue
         for pname, param in module.named_parameters(recurse=False):
-            if pname not in config.parameter_names or not param.requires_grad:
+            frozen_base = id(param) in roles.base_weights
+            if pname not in config.parameter_names or not (param.requires_grad or frozen_base):
                 continue
             if id(param) in seen or id(param) in shared_ids:
                 continue
@@ -148,7 +156,7 @@ def select_targets(model: nn.Module, config: PruningConfig) -> list[PruneTarget]
             f"(module_types=[{type_names}], modules={list(modules) if modules is not None else None}, "
             f"exclude_modules={list(config.exclude_modules)}, "
             f"parameter_names={list(config.parameter_names)}); "
-            "frozen parameters and the output layer are skipped by default"
+            "frozen parameters (other than LoRA base weights) and the output layer are skipped by default"
         )
     for pattern in modules or ():
         if not any(fnmatch.fnmatchcase(t.module_name, pattern) for t in targets):

@@ -60,6 +60,10 @@ class QuantizationAwareTraining(TechniqueCallback):
             byte: for all-MiniLM-L6-v2 the word embeddings shrink from 11.7 MB (int8) to 6.6 MB.
         embedding_group_size: Elements of an embedding row per scale for ``embedding_bits=4``
             (must divide the embedding dimension); ``None``: one scale per row.
+        adapters: What a layer under a peft LoRA adapter simulates: ``"merged"`` fake-quantizes the
+            merged weight ``W + s·B·A`` (what ``convert``/``export`` with ``merge_adapters=True``
+            deploy), ``"base"`` the frozen base weight only, the adapter staying in float (what
+            ``merge_adapters=False`` deploys: int8 base + float adapters). See docs/peft.md.
         name: The plugin's registered name, the namespace of its metrics, checkpoint state and report
             rows; ``None``: ``"quantization"`` (``"quantization-2"``... for further instances).
 
@@ -93,6 +97,7 @@ class QuantizationAwareTraining(TechniqueCallback):
         averaging_constant: float = 0.01,
         embedding_bits: int = 8,
         embedding_group_size: int | None = None,
+        adapters: str = "merged",
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
@@ -109,6 +114,7 @@ class QuantizationAwareTraining(TechniqueCallback):
             averaging_constant=averaging_constant,
             embedding_bits=embedding_bits,
             embedding_group_size=embedding_group_size,
+            adapters=adapters,
         )
 
     @property

@@ -15,7 +15,7 @@ from lightning_shrink.config import (
     check_step,
 )
 
-__all__ = ["ACTIVATIONS", "BITS", "OWNER", "LayerSettings", "QuantizationConfig"]
+__all__ = ["ACTIVATIONS", "ADAPTER_MODES", "BITS", "OWNER", "LayerSettings", "QuantizationConfig"]
 
 #: The name errors of quantization-aware training start with.
 OWNER = "QuantizationAwareTraining"
@@ -25,6 +25,9 @@ ACTIVATIONS: tuple[str | None, ...] = ("dynamic", "static", None)
 
 #: The supported integer widths of weights and embedding tables.
 BITS: tuple[int, ...] = (8, 4)
+
+#: What a layer under a LoRA adapter fake-quantizes: the merged weight, or the base weight alone.
+ADAPTER_MODES: tuple[str, ...] = ("merged", "base")
 
 #: The fields that decide the layers' arithmetic (what checkpoints record and compare).
 SCHEME_FIELDS: tuple[str, ...] = (
@@ -92,6 +95,7 @@ class QuantizationConfig:
     averaging_constant: float = 0.01
     embedding_bits: int = 8
     embedding_group_size: int | None = None
+    adapters: str = "merged"
 
     def __post_init__(self) -> None:
         _check_bits("weight_bits", self.weight_bits)
@@ -139,6 +143,9 @@ class QuantizationConfig:
             self.embedding_bits,
             "embeddings use one scale per row",
         )
+        if not isinstance(self.adapters, str):
+            raise TypeError(f"{OWNER}: `adapters` must be 'merged' or 'base', got {self.adapters!r}")
+        check_choice(OWNER, "adapters", self.adapters, ADAPTER_MODES)
 
     @property
     def selector(self) -> ModuleSelector:

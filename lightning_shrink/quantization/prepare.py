@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_shrink.adapters import adapter_roles, check_supported, quantize_lora_merged
 from lightning_shrink.quantization.config import OWNER, LayerSettings, QuantizationConfig
 from lightning_shrink.quantization.fake_layers import is_prepared, prepare_module, supported_float_class
 
@@ -31,7 +32,9 @@ def select_layers(
 
     ``config.modules`` of ``None`` selects every supported layer (``nn.Linear``, ``nn.Conv1d/2d/3d``,
     transformers' ``Conv1D`` and, with ``config.embeddings``, ``nn.Embedding``). A layer already
-    prepared counts as its float class. A ``Linear`` whose weight is an embedding's table (a tied
+    prepared counts as its float class. Under peft LoRA adapters the base layers are selected, never
+    ``lora_A``/``lora_B``; ``modules_to_save`` copies only when ``modules`` names them.
+    A ``Linear`` whose weight is an embedding's table (a tied
     language-model head) is selected with that embedding and shares its quantized table.
 
     Raises:
@@ -41,8 +44,13 @@ def select_layers(
     """
     config = config if config is not None else QuantizationConfig()
     heads = tied_heads(model)
+    check_supported(model, f"{OWNER} {owner!r}")
+    roles = adapter_roles(model)
 
     def supported(name: str, module: nn.Module) -> str | None:
+        reason = roles.unsupported(module, explicit=config.modules is not None)
+        if reason is not None:
+            return reason
         if is_prepared(module):
             return None
         problem = supported_float_class(module)
@@ -143,6 +151,8 @@ def prepare_qat(
             m.__dict__["shrink_qat"] = settings
         else:
             prepare_module(m, settings, tied=name in heads)
+    if config.adapters == "merged":
+        quantize_lora_merged(model, layers.values())
     return list(layers)
 
 

@@ -22,6 +22,8 @@ __all__ = [
     "random_classification_data",
     "tiny_bert",
     "tiny_gpt2",
+    "tiny_llama",
+    "tiny_qwen2",
     "token_dataloader",
 ]
 
@@ -204,6 +206,40 @@ def tiny_gpt2(
         **kwargs,
     )
     return GPT2ForSequenceClassification(config)
+
+
+def _decoder_kwargs(vocab_size: int, hidden_size: int, num_layers: int, num_labels: int) -> dict[str, Any]:
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=0,
+    )
+
+
+def tiny_llama(
+    num_labels: int = 2, vocab_size: int = 64, hidden_size: int = 32, num_layers: int = 2, **kwargs: Any
+) -> nn.Module:
+    """A 2-layer Llama for sequence classification, built from a config (random weights)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(**_decoder_kwargs(vocab_size, hidden_size, num_layers, num_labels), **kwargs)
+    return LlamaForSequenceClassification(config)
+
+
+def tiny_qwen2(
+    num_labels: int = 2, vocab_size: int = 64, hidden_size: int = 32, num_layers: int = 2, **kwargs: Any
+) -> nn.Module:
+    """A 2-layer Qwen2 (biased q/k/v projections) for sequence classification, built from a config."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    config = Qwen2Config(**_decoder_kwargs(vocab_size, hidden_size, num_layers, num_labels), **kwargs)
+    return Qwen2ForSequenceClassification(config)
 
 
 class TokenClassificationDataset(Dataset):

@@ -1,0 +1,133 @@
+"""A LoRA layer whose adapter respects the base weight's pruning mask and, under quantization-aware
+training with ``adapters="merged"``, computes with the fake-quantized *merged* weight.
+
+:class:`ShrinkLoraLinear` is ``peft.tuners.lora.Linear`` with two changes, made by changing the
+class of the existing layer in place (as quantization prepares its layers), so parameters, names,
+hooks and ``state_dict`` keys stay peft's:
+
+* ``get_delta_weight`` multiplies ``s·B·A`` by the base weight's mask, so ``merge()``,
+  ``unmerge()`` and ``merge_and_unload()`` keep pruned positions at zero;
+* ``forward`` computes ``base(x) + dropout(x) @ (M ⊙ s·B·A)ᵀ`` while the base weight has pruned
+  positions (the masked delta is formed densely: a matrix of the base weight's size per step), and
+  ``fq(W + M ⊙ s·B·A)`` when the base layer is fake-quantized with ``adapters="merged"``; otherwise
+  it is peft's own forward (the low-rank path).
+
+The mask is read from the base weight's zeros (the pruning masks are multiplied into it, and an
+already-sparse model's zeros are its initial masks, as pruning itself takes them); it is cached until
+the weight changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+
+from lightning_shrink.quantization.fake_layers import is_prepared
+from lightning_shrink.quantization.fake_quant import fake_quantize_weight
+
+__all__ = ["ShrinkLoraLinear", "adopt", "dense_adapter_path", "masks_delta"]
+
+_PRUNED = "_shrink_pruned_base"
+_CACHE = "_shrink_mask_cache"
+
+
+class ShrinkLoraLinear(LoraLinear):
+    """``peft.tuners.lora.Linear`` whose adapter delta is masked like its base weight, and whose
+    merged weight is fake-quantized when its base layer is (see the module docs)."""
+
+    def _mask(self) -> torch.Tensor | None:
+        """The base weight's keep-mask (``None``: nothing pruned, or pruning does not act here)."""
+        if not self.__dict__.get(_PRUNED):
+            return None
+        weight = self.get_base_layer().weight
+        key = (weight.data_ptr(), weight._version, weight.device)
+        cached = self.__dict__.get(_CACHE)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            keep = weight != 0
+            mask = None if bool(keep.all()) else keep
+        self.__dict__[_CACHE] = (key, mask)
+        return mask
+
+    def _merged_quantization(self) -> bool:
+        base = self.get_base_layer()
+        return is_prepared(base) and getattr(base.shrink_qat.config, "adapters", "base") == "merged"
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``s·B·A`` of ``adapter``, zero where the base weight is pruned."""
+        delta = super().get_delta_weight(adapter)
+        mask = self._mask()
+        return delta if mask is None else delta * mask.to(delta.dtype)
+
+    def _active(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.lora_A]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        merged_quant = self._merged_quantization()
+        if (
+            self.disable_adapters
+            or self.merged
+            or kwargs.get("adapter_names") is not None
+            or not self._active()
+            or (self._mask() is None and not merged_quant)
+        ):
+            return super().forward(x, *args, **kwargs)
+        if merged_quant:
+            return self._merged_forward(x)
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in self._active():
+            xa = self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype)
+            delta = self.get_delta_weight(adapter)
+            result = result + F.linear(self.lora_dropout[adapter](xa), delta).to(result.dtype)
+        return result
+
+    def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ fq(W + Σ M ⊙ s·B·A)ᵀ`` (what the merged int8 model computes), plus the adapters'
+        dropout: ``(dropout(x) - x) @ (M ⊙ s·B·A)ᵀ``, zero in eval mode."""
+        base = self.get_base_layer()
+        deltas = {a: self.get_delta_weight(a) for a in self._active()}
+        weight = base.weight + sum(d.to(base.weight.dtype) for d in deltas.values())
+        settings = base.shrink_qat
+        if settings.fake_quant_enabled:
+            weight = fake_quantize_weight(weight, base.weight_axis, base._weight_bits(), base._group_size())
+        result = F.linear(base._fake_input(x), weight, base.bias)
+        if self.training:
+            for adapter, delta in deltas.items():
+                dropout = self.lora_dropout[adapter]
+                if isinstance(dropout, nn.Identity):
+                    continue
+                xa = self._cast_input_dtype(x, delta.dtype)
+                result = result + F.linear(dropout(xa) - xa, delta).to(result.dtype)
+        return result
+
+
+def adopt(module: nn.Module, *, pruned: bool | None = None) -> ShrinkLoraLinear:
+    """Make the ``peft.tuners.lora.Linear`` ``module`` a :class:`ShrinkLoraLinear`, in place;
+    ``pruned=True`` masks its adapter with its base weight's zeros."""
+    if not isinstance(module, LoraLinear):
+        raise TypeError(f"adopt: {type(module).__name__} is not a peft.tuners.lora.Linear")
+    if not isinstance(module, ShrinkLoraLinear):
+        module.__class__ = ShrinkLoraLinear
+    if pruned is not None:
+        module.__dict__[_PRUNED] = pruned
+        module.__dict__.pop(_CACHE, None)
+    return module
+
+
+def masks_delta(module: nn.Module) -> bool:
+    """Whether the LoRA layer ``module`` masks its adapter delta with its base weight's zeros."""
+    return isinstance(module, ShrinkLoraLinear) and bool(module.__dict__.get(_PRUNED))
+
+
+def dense_adapter_path(module: nn.Module) -> bool:
+    """Whether ``module`` computes its adapter as a dense delta outside ``lora_A``/``lora_B``'s own
+    forward (a pruned base weight, or merged fake quantization): per-layer per-example gradient
+    engines do not see that computation."""
+    return isinstance(module, ShrinkLoraLinear) and (
+        bool(module.__dict__.get(_PRUNED)) or module._merged_quantization()
+    )
