@@ -154,6 +154,13 @@ GOALS: tuple[Goal, ...] = (
         ">=",
         2.1,
     ),
+    Goal(
+        "serving",
+        "lightning-shrink serve: int8 export's throughput / dense export's (8 clients, localhost)",
+        (("throughput_ratio_compressed_over_dense",),),
+        ">=",
+        2.0,
+    ),
 )
 
 

@@ -16,6 +16,7 @@ import pytest
 from lightning_shrink.cli import main
 from lightning_shrink.demo import DataError, load_csv, load_rotten_tomatoes, split_by_group
 from lightning_shrink.demo.data import ROTTEN_TOMATOES_FILE, Example, cache_dir, dataset_summary
+from lightning_shrink.demo.summary import serve_hint
 
 FIXTURE = Path(__file__).parent / "data" / "reviews.csv"
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +238,8 @@ def test_demo_smoke_end_to_end(tmp_path, capsys, recwarn):
     # Without progress bars, every fine-tune still reports its steps as it goes.
     assert "teacher: step 4/4, loss " in printed and "student: step 6/6, loss " in printed
     assert "split by movie (no movie on both sides)" in printed
+    # It ends with the command that serves its export.
+    assert printed.rstrip().splitlines()[-2] == f"Serve it: lightning-shrink serve {out / 'model'}"
     # The bridge logs with logger=bool(trainer.loggers): never Lightning's "no logger" warning.
     assert not [w for w in recwarn if "no logger configured" in str(w.message)]
     results = json.loads((out / "results.json").read_text())
@@ -276,7 +279,7 @@ def test_demo_smoke_end_to_end(tmp_path, capsys, recwarn):
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert stderr == ""
-    assert stdout == (out / "summary.md").read_text() + "\n"
+    assert stdout == (out / "summary.md").read_text() + "\n" + serve_hint(out / "model") + "\n"
     assert not (out / "stale.txt").exists()
     assert json.loads((out / "results.json").read_text())["techniques"] == ["pruning"]
     assert _leftovers(tmp_path) == []

@@ -11,6 +11,9 @@ Subcommands, one module each:
 ``lightning-shrink demo [--quick] [--output-dir DIR]``: :mod:`.demo`
     Fine-tunes all-MiniLM-L6-v2 on Rotten Tomatoes snippets dense, then compressed (pruning,
     quantization-aware training, distillation), converts, exports and reports.
+``lightning-shrink serve DIRECTORY [--port N] [--workers K] [--max-batch-size B]``: :mod:`.serve`
+    Serves an export over HTTP on LitServe (``POST /predict``, ``GET /health``), on PyTorch or, when
+    the directory has ``model.onnx``, on ONNX Runtime.
 ``lightning-shrink plugins``: :mod:`.plugins`
     Lists the registered plugins (built-in, entry-point with their distribution, blocked), the
     hooks each implements, and the technique callbacks, like ``pytest --trace-config``.
@@ -27,7 +30,7 @@ from lightning_shrink.cli.recipes import RecipeError, check_recipe_callbacks
 
 __all__ = ["RecipeError", "ShrinkCLI", "check_recipe_callbacks", "describe_plugins", "main"]
 
-USAGE = """usage: lightning-shrink {fit,validate,test,predict,demo,plugins} ...
+USAGE = """usage: lightning-shrink {fit,validate,test,predict,demo,serve,plugins} ...
 
 Compress models while they are fine-tuned.
 
@@ -35,6 +38,7 @@ subcommands:
   fit --config recipe.yaml   train with LightningCLI; compression callbacks under trainer.callbacks
   validate / test / predict  the other LightningCLI subcommands
   demo [--quick]             the end-to-end demo on all-MiniLM-L6-v2 and Rotten Tomatoes snippets
+  serve DIRECTORY            serve an export over HTTP (POST /predict, GET /health) on LitServe
   plugins                    list the registered plugins and their hooks
 
 Run `lightning-shrink <subcommand> --help` for a subcommand's options.
@@ -59,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lightning_shrink.cli.demo import run_demo_command
 
         return run_demo_command(rest)
+    if command == "serve":
+        from lightning_shrink.cli.serve import run_serve_command
+
+        return run_serve_command(rest)
     if command == "plugins":
         from lightning_shrink.cli.plugins import run_plugins_command
 

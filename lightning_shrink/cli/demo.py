@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["demo_parser", "run_demo_command"]
@@ -78,7 +79,7 @@ def run_demo_command(args: Sequence[str]) -> int:
     bad input, before anything is written."""
     from lightning_shrink.demo import DataError, DemoError, run_demo
     from lightning_shrink.demo.config import check_option
-    from lightning_shrink.demo.summary import summary_markdown
+    from lightning_shrink.demo.summary import serve_hint, summary_markdown
 
     parser = demo_parser()
     ns = parser.parse_args(args)
@@ -110,4 +111,5 @@ def run_demo_command(args: Sequence[str]) -> int:
         parser.exit(2, f"lightning-shrink demo: error: {exc}\n")
     if ns.quiet:
         print(summary_markdown(results))
+        print(serve_hint(Path(ns.output_dir).expanduser().resolve() / "model"))
     return 0

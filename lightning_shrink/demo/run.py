@@ -50,7 +50,7 @@ from lightning_shrink.demo.measure import (
 )
 from lightning_shrink.demo.model import SequenceClassifier, load_backbone, load_tokenizer
 from lightning_shrink.demo.recipe import compression_callbacks
-from lightning_shrink.demo.summary import describe_data, report_rows, summary_markdown
+from lightning_shrink.demo.summary import describe_data, report_rows, serve_hint, summary_markdown
 from lightning_shrink.export.atomic import staged_directory
 
 __all__ = ["run_demo"]
@@ -119,6 +119,7 @@ def run_demo(
     if verbose:
         print()
         print((output / "summary.md").read_text())
+        print(serve_hint(output / "model"))
     return results
 
 

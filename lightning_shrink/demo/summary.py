@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
 from typing import Any
 
 from lightning_shrink.types import ReportRow
 
-__all__ = ["describe_data", "relative", "report_rows", "summary_markdown"]
+__all__ = ["describe_data", "relative", "report_rows", "serve_hint", "summary_markdown"]
 
 
 def relative(ratio: float, more: str, less: str) -> str:
@@ -51,6 +53,20 @@ def summary_markdown(results: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def serve_hint(export_dir: Path) -> str:
+    """The command that serves the demo's export, and what to send it (text when the export holds
+    its tokenizer's files, token ids otherwise)."""
+    from lightning_shrink.serve.model_info import has_tokenizer
+
+    body = (
+        '{"text": ["a gripping film"]}' if has_tokenizer(export_dir) else '{"input_ids": [[101, 2307, 102]]}'
+    )
+    return (
+        f"Serve it: lightning-shrink serve {shlex.quote(str(export_dir))}\n"
+        f"  then: curl -X POST http://127.0.0.1:8000/predict -H 'Content-Type: application/json' -d '{body}'"
+    )
 
 
 def report_rows(results: dict[str, Any]) -> list[ReportRow]:
