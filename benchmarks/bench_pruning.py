@@ -20,7 +20,10 @@ pruned to 80% (one global magnitude threshold):
   pruned weight updated before every step). They prune at step 1 (they need one gradient), inside
   the untimed first step.
 
-Also measured once: the time of one mask update (exact global threshold over the 36 layers).
+Also measured once: the time of one mask update (exact global threshold over the 36 layers), and,
+on the same tensors, the work the criteria add to a step (movement: the score gradients and the
+AdamW step of the scores; taylor: the moving averages), which gives a load-robust estimate of their
+ratio to a plain step next to the interleaved wall-clock medians.
 
 Usage::
 
@@ -287,12 +290,19 @@ def main() -> None:
     movement, taylor = by_criterion["movement"].plugin.criterion, by_criterion["taylor"].plugin.criterion
     for p in movement.params:
         p.grad = torch.randn_like(p)
+    scores = movement.score_params
+    for s in scores:
+        s.grad = torch.randn_like(s)
+    adamw = torch.optim.AdamW(scores, lr=1e-5, weight_decay=0.0)  # the scores' share of the step
     criterion_ms = {
         "criterion='movement' (score gradients, per micro-batch)": median_ms(movement.after_backward),
+        "criterion='movement' (AdamW step of the scores)": median_ms(adamw.step),
         "criterion='taylor' (moving averages, per step)": median_ms(taylor.before_optimizer_step),
     }
-    for p in movement.params:
+    for p in (*movement.params, *scores):
         p.grad = None
+    movement_ms = sum(v for k, v in criterion_ms.items() if "movement" in k)
+    taylor_ms = criterion_ms["criterion='taylor' (moving averages, per step)"]
 
     seconds = {name: statistics.median(times[name]) for name in names}
     ratio = {name: seconds[name] / seconds["plain"] for name in names}
@@ -326,6 +336,8 @@ def main() -> None:
             "GradualMagnitudePruning": 1 + plugin_ms / 1000 / cpu_seconds["plain"],
             "GradualMagnitudePruning (mask_gradients=True)": 1 + 2 * plugin_ms / 1000 / cpu_seconds["plain"],
             "bare mul_": 1 + bare_ms / 1000 / cpu_seconds["plain"],
+            "criterion='movement'": 1 + (plugin_ms + movement_ms) / 1000 / cpu_seconds["plain"],
+            "criterion='taylor'": 1 + (plugin_ms + taylor_ms) / 1000 / cpu_seconds["plain"],
         },
         "ratio_to_magnitude": {name: seconds[name] / seconds["GradualMagnitudePruning"] for name in names},
         "load_average": os.getloadavg(),
@@ -364,6 +376,8 @@ def main() -> None:
     print(
         "\nCriteria, on the same tensors: "
         + "; ".join(f"{k}: {v:.1f} ms" for k, v in criterion_ms.items())
+        + f"; added to the plain step's CPU time with the mask multiply: movement "
+        f"{est[names[-2]]:.3f}x, taylor {est[names[-1]]:.3f}x"
         + ". Step time relative to magnitude pruning: "
         + ", ".join(f"{n} {results['ratio_to_magnitude'][n]:.3f}x" for n in names[-2:])
         + "."

@@ -71,6 +71,13 @@ GOALS: tuple[Goal, ...] = (
         1.03,
     ),
     Goal(
+        "pruning",
+        "GradualMagnitudePruning(criterion='movement') training step / plain step",
+        (("ratio_to_plain", "criterion='movement'"),),
+        "<=",
+        1.10,
+    ),
+    Goal(
         "quantization",
         "QuantizationAwareTraining (int8) training step / plain step",
         (

@@ -290,3 +290,26 @@ def test_ddp_learned_criteria_give_identical_scores_and_masks_on_every_rank(tmp_
         # (under no_sync) see this rank's own
         for (last, g0), (_, g1) in zip(r0["grads"], r1["grads"], strict=True):
             assert torch.equal(g0, g1) == last
+
+
+def test_criteria_other_than_magnitude_refuse_fsdp2_sharded_parameters():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = TinyClassifier()
+        sharded = distribute_tensor(model.net[0].weight.detach(), mesh, [Shard(0)])
+        model.net[0].weight = torch.nn.Parameter(sharded)
+        for criterion in ("movement", "taylor"):
+            plugin = GradualMagnitudePruning(0.5, criterion=criterion, modules="net.0").plugin
+            plugin.shrink_configure_model(model, "fit")
+            with pytest.raises(ValueError, match=f"criterion='{criterion}' is not supported on FSDP2"):
+                plugin.shrink_optimizer_param_groups(None, model)
+        plugin = GradualMagnitudePruning(0.5, modules="net.0").plugin
+        plugin.shrink_configure_model(model, "fit")
+        assert plugin.shrink_optimizer_param_groups(None, model) is None  # magnitude: as before
+    finally:
+        dist.destroy_process_group()

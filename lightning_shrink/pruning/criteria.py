@@ -157,7 +157,7 @@ class Criterion:
 
     def state_dict(self) -> dict[str, Any]:
         """The learned state, as plain data and CPU tensors."""
-        return {"criterion": self.name, "steps": self.steps}
+        return {"criterion": self.name, "steps": self.steps, **self._state_tensors()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (values are copied into the bound tensors in place).
@@ -268,9 +268,6 @@ class Movement(Criterion):
     def _tensors(self) -> dict[str, list[torch.Tensor]]:
         return {"scores": list(self.score_params)}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), **self._state_tensors()}
-
 
 class SoftMovement(Movement):
     """Soft movement pruning (Sanh et al., 2020): movement scores plus the regularizer
@@ -358,9 +355,6 @@ class Taylor(Criterion):
 
     def _tensors(self) -> dict[str, list[torch.Tensor]]:
         return {"importance": self.importance, "uncertainty": self.uncertainty}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), **self._state_tensors()}
 
 
 _CLASSES: dict[str, type[Criterion]] = {c.name: c for c in (Magnitude, Movement, SoftMovement, Taylor)}
