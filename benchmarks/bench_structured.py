@@ -109,11 +109,23 @@ def main() -> None:
         params = {
             k: sum(p.numel() for p in m.parameters()) for k, m in (("dense", dense), ("structured", small))
         }
-        results[size] = {"ms": ms, "params": params, "max_abs_diff_masked_vs_converted": diff}
+        speedup = {k: ms["dense"] / v for k, v in ms.items() if k != "dense"}
+        results[size] = {
+            "ms": ms,
+            "speedup": speedup,
+            "params": params,
+            "max_abs_diff_masked_vs_converted": diff,
+        }
     out = ROOT / "results" / "structured.json"
     out.parent.mkdir(exist_ok=True)
     meta = {"threads": args.threads, "reps": args.reps, "torch": torch.__version__, "batch": "1 x 64 tokens"}
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    record = {
+        "command": "python benchmarks/bench_structured.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "meta": meta,
+        **results,
+    }
+    out.write_text(json.dumps(record, indent=2) + "\n")
     print("| model | dense FP32 | structured FP32 | speed-up | dense int8 | structured int8 | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for size, r in results.items():

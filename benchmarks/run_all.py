@@ -154,6 +154,13 @@ GOALS: tuple[Goal, ...] = (
         ">=",
         2.1,
     ),
+    Goal(
+        "structured",
+        "50% heads + 50% neurons removed + int8 (MiniLM-shaped BERT), batch-1 CPU speed-up over FP32",
+        (("medium", "speedup", "structured int8"),),
+        ">=",
+        3.0,
+    ),
 )
 
 
