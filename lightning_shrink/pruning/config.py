@@ -129,7 +129,7 @@ class PruningConfig:
         _set(self, "sparsity_overrides", overrides)
         check_bool(OWNER, "log_layer_sparsity", self.log_layer_sparsity)
         check_bool(OWNER, "mask_gradients", self.mask_gradients)
-        from lightning_shrink.pruning.structured_selection import check_structured_config  # a cycle
+        from lightning_shrink.pruning.structured import check_structured_config  # imports this module
 
         check_structured_config(self)
 

@@ -25,8 +25,9 @@ from lightning_shrink.pruning.report import report_rows, shortfall, shortfall_wa
 from lightning_shrink.pruning.schedule import PruningSchedule
 from lightning_shrink.pruning.selection import PruneTarget, group_indices, select_targets
 from lightning_shrink.pruning.state import STATE_VERSION, check_resume, is_pruning_state, resume_record
-from lightning_shrink.pruning.structured import STRUCTURED_KINDS, GroupSpec
-from lightning_shrink.pruning.structured_selection import (
+from lightning_shrink.pruning.structured import (
+    STRUCTURED_KINDS,
+    GroupSpec,
     structured_shortfall,
     structured_targets,
     structured_update,
