@@ -81,7 +81,11 @@ def test_the_callback_builds_a_frozen_normalized_config():
         (dict(frequency=None), TypeError, "`frequency` must be an int"),
         (dict(pattern="4:4"), ValueError, "`pattern='4:4'`: N:M keeps N weights in every M"),
         (dict(pattern="5:4"), ValueError, "1 <= N < M"),
-        (dict(pattern="2-4"), ValueError, "`pattern` must be 'unstructured', 'rows', 'heads', 'neurons'"),
+        (
+            dict(pattern="2-4"),
+            ValueError,
+            "`pattern` must be 'unstructured', 'rows', 'heads', 'neurons' or 'N:M'",
+        ),
         (dict(pattern=4), TypeError, "`pattern` must be a string"),
         (dict(target_sparsity=0.8, pattern="2:4"), ValueError, "`target_sparsity` is 0.8 .*set it to 0.5"),
         (dict(scope="model"), ValueError, r"`scope` must be one of \['global', 'layer'\]"),
