@@ -11,7 +11,10 @@ after int8 conversion (``prepare_qat`` + ``convert``) of both, for the structure
 
 Usage::
 
-    nice -n 10 python benchmarks/bench_structured.py [--threads 2] [--reps 30]
+    nice -n 10 python benchmarks/bench_structured.py [--threads 2] [--reps 30] [--clock wall|cpu]
+
+``--clock cpu`` times the CPU time of one thread instead of the wall clock: on a machine whose cores
+other processes share, wall-clock medians measure the scheduler, not the model.
 
 Writes ``benchmarks/results/structured.json`` and prints a markdown table.
 """
@@ -68,7 +71,11 @@ def int8(model: torch.nn.Module) -> torch.nn.Module:
     return ls.convert(prepared)
 
 
-def latency(models: dict[str, torch.nn.Module], reps: int, seq: int = 64) -> dict[str, float]:
+def latency(models: dict[str, torch.nn.Module], reps: int, clock: str, seq: int = 64) -> dict[str, float]:
+    """Median milliseconds per forward: wall clock (``perf_counter``) or the CPU time of the calling
+    thread (``thread_time``, with one torch thread: what the forward costs, unaffected by other
+    processes taking the cores of a shared machine)."""
+    now = time.perf_counter if clock == "wall" else time.thread_time
     ids = torch.randint(1000, 30000, (1, seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     times: dict[str, list[float]] = {k: [] for k in models}
@@ -78,9 +85,9 @@ def latency(models: dict[str, torch.nn.Module], reps: int, seq: int = 64) -> dic
                 m(**batch)
         for _ in range(reps):
             for name, m in models.items():  # interleaved: the machine's load hits every variant alike
-                t = time.perf_counter()
+                t = now()
                 m(**batch)
-                times[name].append(time.perf_counter() - t)
+                times[name].append(now() - t)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
@@ -88,7 +95,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: median wall time with --threads threads; cpu: median CPU time of one thread (one "
+        "torch thread), for machines whose cores other processes share",
+    )
     args = parser.parse_args()
+    if args.clock == "cpu":
+        args.threads = 1
     torch.set_num_threads(args.threads)
     results = {}
     for size in SIZES:
@@ -105,15 +121,33 @@ def main() -> None:
             "dense int8": int8(dense),
             "structured int8": int8(small),
         }
-        ms = latency(models, args.reps)
+        ms = latency(models, args.reps, args.clock)
         params = {
             k: sum(p.numel() for p in m.parameters()) for k, m in (("dense", dense), ("structured", small))
         }
-        results[size] = {"ms": ms, "params": params, "max_abs_diff_masked_vs_converted": diff}
+        speedup = {k: ms["dense"] / v for k, v in ms.items() if k != "dense"}
+        results[size] = {
+            "ms": ms,
+            "speedup": speedup,
+            "params": params,
+            "max_abs_diff_masked_vs_converted": diff,
+        }
     out = ROOT / "results" / "structured.json"
     out.parent.mkdir(exist_ok=True)
-    meta = {"threads": args.threads, "reps": args.reps, "torch": torch.__version__, "batch": "1 x 64 tokens"}
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    meta = {
+        "threads": args.threads,
+        "reps": args.reps,
+        "clock": args.clock,
+        "torch": torch.__version__,
+        "batch": "1 x 64 tokens",
+    }
+    record = {
+        "command": "python benchmarks/bench_structured.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "meta": meta,
+        **results,
+    }
+    out.write_text(json.dumps(record, indent=2) + "\n")
     print("| model | dense FP32 | structured FP32 | speed-up | dense int8 | structured int8 | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for size, r in results.items():

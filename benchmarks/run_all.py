@@ -168,6 +168,13 @@ GOALS: tuple[Goal, ...] = (
         ">=",
         2.0,
     ),
+    Goal(
+        "structured",
+        "50% heads + 50% neurons removed + int8 (MiniLM-shaped BERT), batch-1 CPU speed-up over FP32",
+        (("medium", "speedup", "structured int8"),),
+        ">=",
+        3.0,
+    ),
 )
 
 

@@ -194,6 +194,21 @@ def test_qat_after_structure_converts_the_smaller_layers_to_int8(tmp_path):
     torch.testing.assert_close(_logits(loaded, ids), int8)
 
 
+def test_distillation_with_structured_pruning_leaves_the_teacher_whole():
+    from lightning_shrink import KnowledgeDistillation
+
+    torch.manual_seed(0)
+    teacher = bert4()
+    heads, neurons = _structured(0.5, 0.5)
+    kd = KnowledgeDistillation(copy.deepcopy(teacher), temperature=2.0, alpha=0.5)
+    module, trainer = _fit(lambda: copy.deepcopy(teacher), heads, neurons, kd)
+    assert any(k.startswith("distillation") for k in trainer.callback_metrics)
+    assert all(not s.name.startswith("teacher") for s in heads.plugin.group_specs)
+    assert bool((kd.plugin.teacher.bert.encoder.layer[0].attention.self.query.weight != 0).all())
+    ids = torch.randint(2, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(_logits(convert(module.model), ids), _logits(module.model, ids))
+
+
 def test_resume_mid_schedule_restores_the_structured_masks_and_schedule(tmp_path):
     def run(ckpt_path=None, save=False):  # dropout off: Lightning does not restore the global RNG
         heads = GradualMagnitudePruning(0.75, pattern="heads", start_step=0, end_step=6, frequency=2)

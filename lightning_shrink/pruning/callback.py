@@ -47,7 +47,11 @@ class GradualMagnitudePruning(TechniqueCallback):
             **N non-zero weights kept** in every group of M consecutive weights along the input
             dimension, PyTorch's ``to_sparse_semi_structured`` layout (``"2:4"`` = 2 of every 4
             kept, 50% sparsity); or ``"rows"``: whole output rows (output units / channels), scored
-            by their root-mean-square.
+            by their root-mean-square. ``"heads"`` / ``"neurons"``: whole attention heads / FFN
+            intermediate neurons of BERT-family, GPT-2 and Llama/Qwen2 models (for Llama whole KV
+            groups); ``target_sparsity`` is then the fraction of heads (neurons) pruned, and
+            :func:`~lightning_shrink.convert` removes them physically (see
+            :mod:`lightning_shrink.pruning.structured`). Prune both with two instances.
         scope: ``"global"``: one magnitude threshold across all selected weights, or ``"layer"``:
             every weight reaches the scheduled sparsity on its own.
         modules: Qualified module names or ``fnmatch`` glob patterns of the modules to prune, e.g.
