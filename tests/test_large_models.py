@@ -246,3 +246,44 @@ def test_fsdp2_pruning_qat_and_distillation_from_a_sharded_teacher_equal_one_pro
         assert set(rank["weights"]) == set(expected)
         for key, value in rank["weights"].items():
             torch.testing.assert_close(torch.tensor(value), expected[key], atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- bf16
+
+
+class LlamaModule(ConfiguredLlama):
+    """:class:`ConfiguredLlama` with an optimizer that keeps bf16 parameters trainable."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+@pytest.mark.parametrize("technique", ["pruning", "qat", "distillation", "privacy"])
+def test_bf16_fits(technique, precision):
+    from lightning_shrink.testing.models import TinyClassifier, random_classification_data
+
+    if technique == "privacy":
+        model = TinyClassifier()
+        callback = ls.DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0)
+        data = DataLoader(random_classification_data(32), batch_size=8)
+    else:
+        model = LlamaModule()
+        data = DataLoader(Tokens(n=16), batch_size=8)
+        callback = {
+            "pruning": lambda: ls.GradualMagnitudePruning(0.5, start_step=0, end_step=1, frequency=1),
+            "qat": lambda: ls.QuantizationAwareTraining(weight_bits=4, group_size=16),
+            "distillation": lambda: ls.KnowledgeDistillation(tiny_llama(48, 3, seed=1)),
+        }[technique]()
+    trainer = cpu_trainer(callbacks=[callback], precision=precision, max_steps=2)
+    trainer.fit(model, data)
+    assert trainer.global_step == 2
+    weights = [p for p in model.parameters()]
+    assert all(torch.isfinite(p).all() for p in weights)
+    if precision == "bf16-true":
+        assert all(p.dtype == torch.bfloat16 for p in weights)
+    if technique == "pruning":
+        assert callback.sparsity == pytest.approx(0.5, abs=0.01)
+        assert all(m.dtype == torch.bool for m in callback.plugin.masks.values())
+    if technique == "distillation":
+        assert torch.isfinite(torch.as_tensor(trainer.callback_metrics["distillation/kl"]))
