@@ -3,13 +3,104 @@ that recomputes in backward, the FSDP2-sharded teacher, and bf16 fits of every t
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
 import pytest
 import torch
 from legacy_selection import legacy_compute_masks
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
+import lightning_shrink as ls
 from lightning_shrink.pruning import masks as masks_module
 from lightning_shrink.pruning.distributed import Comm
 from lightning_shrink.pruning.masks import compute_masks, parse_pattern
+from lightning_shrink.testing.distributed import run_multiprocess_script
+from lightning_shrink.testing.models import cpu_trainer
+
+SCRIPT = Path(__file__).parent / "scripts" / "large_models_fsdp2.py"
+
+
+def tiny_llama(hidden: int = 32, layers: int = 2, seed: int = 0) -> nn.Module:
+    """A tiny ``LlamaForCausalLM`` from a config (vocabulary 64)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(config)
+
+
+class ConfiguredLlama(pl.LightningModule):
+    """A tiny Llama built in ``configure_model``; under ``ModelParallelStrategy`` each decoder layer
+    and then the whole model are sharded with FSDP2 (``fully_shard``), as Lightning's docs do."""
+
+    def __init__(self, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.lr = lr
+        self.model: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        # Built on the CPU, not on ModelParallelStrategy's meta device (whose materialization
+        # re-initializes the weights): both runs start from the same seeded weights.
+        with torch.device("cpu"):
+            self.model = tiny_llama()
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is not None:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.model.model.layers:
+                fully_shard(layer, mesh=mesh["data_parallel"])
+            fully_shard(self.model, mesh=mesh["data_parallel"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+class Tokens(Dataset):
+    """Random token sequences of one length (every token has a label)."""
+
+    def __init__(self, n: int = 32, length: int = 12, seed: int = 0) -> None:
+        self.ids = torch.randint(0, 64, (n, length), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def compressed_fit(strategy: str | pl.strategies.Strategy = "auto", devices: int = 1):
+    """Pruning (global) + weight-only int8 QAT + distillation from a larger Llama, four steps of global
+    batches of 8: with ``devices=2`` each rank takes every other example of a batch (its own loader,
+    in order), so both runs see the same batches."""
+    teacher = tiny_llama(hidden=48, layers=3, seed=1)
+    pruning = ls.GradualMagnitudePruning(0.5, start_step=0, end_step=2, frequency=1)
+    callbacks = [pruning, ls.QuantizationAwareTraining(activations=None), ls.KnowledgeDistillation(teacher)]
+    model = ConfiguredLlama()
+    trainer = cpu_trainer(
+        callbacks=callbacks, strategy=strategy, devices=devices, max_steps=4, use_distributed_sampler=False
+    )
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    data = Subset(Tokens(), range(rank, len(Tokens()), devices))
+    trainer.fit(model, DataLoader(data, batch_size=8 // devices))
+    return trainer, model, teacher, pruning
+
 
 # ------------------------------------------------------------------------------- threshold selection
 
@@ -131,3 +222,68 @@ def test_fake_quant_refuses_a_weight_changed_between_forward_and_backward():
         layer.weight.mul_(2)
     with pytest.raises(RuntimeError, match="modified in place between forward and backward"):
         out.sum().backward()
+
+
+# ----------------------------------------------------------------------------------------- FSDP2
+
+
+@pytest.mark.slow
+def test_fsdp2_pruning_qat_and_distillation_from_a_sharded_teacher_equal_one_process(tmp_path):
+    run_multiprocess_script(SCRIPT, tmp_path, cwd=tmp_path, timeout=600)
+    trainer, model, teacher, pruning = compressed_fit()
+    expected = {k: v for k, v in model.model.state_dict().items() if k.endswith("weight")}
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    # each rank logs the distillation loss of its own half of the last batch
+    kl = float(trainer.callback_metrics["distillation/kl"])
+    assert sum(rank["kl"] for rank in ranks) / 2 == pytest.approx(kl, rel=1e-4)
+    for rank in ranks:
+        assert rank["sparsity"] == pytest.approx(pruning.sparsity)
+        assert rank["selection_checks"] and all(rank["selection_checks"])
+        # every teacher parameter is sharded: each rank holds (at most 1.1 x) half of the teacher
+        assert rank["teacher_local"] <= 1.1 * teacher_params / 2
+        assert rank["teacher_sharded"] == rank["teacher_tensors"]
+        assert set(rank["weights"]) == set(expected)
+        for key, value in rank["weights"].items():
+            torch.testing.assert_close(torch.tensor(value), expected[key], atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- bf16
+
+
+class LlamaModule(ConfiguredLlama):
+    """:class:`ConfiguredLlama` with an optimizer that keeps bf16 parameters trainable."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+@pytest.mark.parametrize("technique", ["pruning", "qat", "distillation", "privacy"])
+def test_bf16_fits(technique, precision):
+    from lightning_shrink.testing.models import TinyClassifier, random_classification_data
+
+    if technique == "privacy":
+        model = TinyClassifier()
+        callback = ls.DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0)
+        data = DataLoader(random_classification_data(32), batch_size=8)
+    else:
+        model = LlamaModule()
+        data = DataLoader(Tokens(n=16), batch_size=8)
+        callback = {
+            "pruning": lambda: ls.GradualMagnitudePruning(0.5, start_step=0, end_step=1, frequency=1),
+            "qat": lambda: ls.QuantizationAwareTraining(weight_bits=4, group_size=16),
+            "distillation": lambda: ls.KnowledgeDistillation(tiny_llama(48, 3, seed=1)),
+        }[technique]()
+    trainer = cpu_trainer(callbacks=[callback], precision=precision, max_steps=2)
+    trainer.fit(model, data)
+    assert trainer.global_step == 2
+    weights = [p for p in model.parameters()]
+    assert all(torch.isfinite(p).all() for p in weights)
+    if precision == "bf16-true":
+        assert all(p.dtype == torch.bfloat16 for p in weights)
+    if technique == "pruning":
+        assert callback.sparsity == pytest.approx(0.5, abs=0.01)
+        assert all(m.dtype == torch.bool for m in callback.plugin.masks.values())
+    if technique == "distillation":
+        assert torch.isfinite(torch.as_tensor(trainer.callback_metrics["distillation/kl"]))

@@ -101,7 +101,7 @@ class DistillationPlugin(TechniquePlugin):
             self.attention.switch(self.student_module, self.teacher_target)
         self._build_projections()
         self.capture.attach(self.student_module, self.teacher_target, cfg.layer_map)
-        place_teacher(teacher, pl_module)
+        place_teacher(teacher, pl_module, trainer.strategy, self.teacher_target)
         self._step_terms = StepTerms(
             cfg,
             self.capture,
@@ -173,7 +173,7 @@ class DistillationPlugin(TechniquePlugin):
     def shrink_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the teacher, refuse it in an optimizer, give every rank rank 0's projections."""
         assert self.teacher is not None
-        place_teacher(self.teacher, pl_module)
+        place_teacher(self.teacher, pl_module, trainer.strategy, self.teacher_target)
         optimized = {
             id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]
         }

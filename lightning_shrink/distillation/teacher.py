@@ -3,6 +3,7 @@ is not still being trained and that it can read the student's token ids, placing
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -18,10 +19,12 @@ __all__ = [
     "check_not_training",
     "find_inner_model",
     "freeze",
+    "is_sharded",
     "is_transformers_model",
     "load_teacher",
     "place_teacher",
     "run_teacher",
+    "shard_teacher",
     "teacher_identity",
     "validate_teacher_spec",
 ]
@@ -142,10 +145,10 @@ def check_not_training(teacher: nn.Module, pl_module: pl.LightningModule, studen
     for p in pl_module.parameters():
         ids.add(id(p))
         if p.numel() and p.device.type != "meta":
-            storages.add(p.untyped_storage().data_ptr())
+            storages.add(_local(p).untyped_storage().data_ptr())
     for name, p in teacher.named_parameters():
         shared = id(p) in ids or (
-            p.numel() and p.device.type != "meta" and p.untyped_storage().data_ptr() in storages
+            p.numel() and p.device.type != "meta" and _local(p).untyped_storage().data_ptr() in storages
         )
         if shared:
             raise ValueError(
@@ -169,18 +172,81 @@ def check_not_training(teacher: nn.Module, pl_module: pl.LightningModule, studen
             )
 
 
-def place_teacher(teacher: nn.Module, pl_module: pl.LightningModule) -> None:
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), or ``p``."""
+    return p.to_local() if type(p).__name__ == "DTensor" else p
+
+
+def place_teacher(
+    teacher: nn.Module, pl_module: pl.LightningModule, strategy: Any = None, target: nn.Module | None = None
+) -> None:
     """Put the teacher where it runs: the one place that decides the teacher's placement.
 
-    Today a full copy on the LightningModule's device in every process (under DDP each rank runs
-    its own copy on its own shard of the data; the teacher is never wrapped or sharded by the
-    strategy). Called at set-up and again at fit start, after the strategy placed the model.
+    Under ``ModelParallelStrategy`` whose student is sharded by FSDP2 (``fully_shard``), the model
+    the teacher's forward calls (``target``, default the teacher) is sharded alike, on the student's
+    mesh (:func:`shard_teacher`): each rank holds ``1 / world`` of it, and its forward gathers one
+    block at a time. Otherwise a full copy on the LightningModule's
+    device in every process (under DDP each rank runs its own copy on its own shard of the data; the
+    teacher is never wrapped by the strategy). Called at set-up and again at fit start, after the
+    strategy placed the model.
     """
+    mesh = _student_mesh(pl_module, strategy)
+    if mesh is not None:
+        shard_teacher(teacher if target is None else target, mesh)
+        return
     device = pl_module.device
     if any(p.device != device for p in teacher.parameters()) or any(
         b.device != device for b in teacher.buffers()
     ):
         teacher.to(device=device)
+
+
+def _student_mesh(pl_module: pl.LightningModule, strategy: Any) -> Any:
+    """The 1-D device mesh the student's parameters are sharded on by FSDP2 under
+    ``ModelParallelStrategy``, or ``None``."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if not isinstance(strategy, ModelParallelStrategy):
+        return None
+    for p in pl_module.parameters():
+        if type(p).__name__ == "DTensor" and p.device_mesh.ndim == 1:
+            return p.device_mesh
+    return None
+
+
+def is_sharded(teacher: nn.Module) -> bool:
+    """Whether FSDP2's ``fully_shard`` sharded ``teacher``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(teacher, FSDPModule)
+
+
+def shard_teacher(teacher: nn.Module, mesh: Any) -> None:
+    """Shard a frozen teacher with FSDP2 on ``mesh``, in place (nothing happens when it is sharded).
+
+    Each transformer block is its own FSDP2 unit (the classes a transformers model names in
+    ``_no_split_modules``; for other models every direct child with parameters), then the whole
+    teacher: its forward gathers one block's parameters at a time and frees them after the block.
+    Parameters move to the mesh's device one unit at a time, as they are sharded.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if is_sharded(teacher):
+        return
+    names = set(getattr(teacher, "_no_split_modules", None) or ())
+    blocks = [m for m in teacher.modules() if m is not teacher and type(m).__name__ in names]
+    if not blocks:
+        blocks = [m for m in teacher.children() if any(True for _ in m.parameters())]
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
+    teacher.requires_grad_(False)
+    # Buffers are not sharded: they follow the parameters to the mesh's device.
+    device = next(p.device for p in teacher.parameters())
+    for module in teacher.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[key] = buffer.to(device)
 
 
 def cast_floats(value: Any, dtype: torch.dtype) -> Any:
@@ -218,8 +284,14 @@ def run_teacher(
         kwargs = cast_floats(kwargs, dtype)
     if target.training:
         target.eval()
-    with torch.inference_mode():
+    # FSDP2 gathers a sharded teacher's parameters into buffers it keeps between steps, which
+    # inference mode would turn into inference tensors: no_grad there.
+    with torch.no_grad() if _has_sharded_parameters(target) else torch.inference_mode():
         return target(*args, **kwargs)
+
+
+def _has_sharded_parameters(module: nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in itertools.islice(module.parameters(), 1))
 
 
 def teacher_identity(teacher: nn.Module) -> dict[str, Any]:
@@ -227,7 +299,14 @@ def teacher_identity(teacher: nn.Module) -> dict[str, Any]:
     weights (the float64 sum of every parameter tensor, computed without copies)."""
     params = list(teacher.parameters())
     with torch.no_grad():
-        sums = [torch.sum(p.detach(), dtype=torch.float64).cpu() for p in params]
+        # A sharded teacher's parameters are gathered one at a time: the fingerprint is the same
+        # however the teacher is placed.
+        sums = [
+            torch.sum(
+                p.full_tensor() if type(p).__name__ == "DTensor" else p.detach(), dtype=torch.float64
+            ).cpu()
+            for p in params
+        ]
     return {
         "class": f"{type(teacher).__module__}.{type(teacher).__qualname__}",
         "parameters": sum(p.numel() for p in params),

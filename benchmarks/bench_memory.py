@@ -1,0 +1,360 @@
+"""Memory benchmark: what pruning, QAT and distillation add to fine-tuning LlamaForCausalLM (from
+configs, about 20M, 100M and 400M parameters), per process and per FSDP2 rank.
+
+Measured, each size in its own subprocess (peak RSS is a per-process high-water mark):
+
+- ``selection``: one global mask update (50% of every decoder ``nn.Linear`` weight, one threshold)
+  with the previous selection (``torch.kthvalue`` of the concatenated keys, kept in
+  tests/legacy_selection.py) and the radix selection: time per million weights, and the transient
+  memory (peak RSS above the RSS before the call, the high-water mark reset through
+  ``/proc/self/clear_refs``) per weight, including the new boolean masks;
+- ``masks``: persistent bytes per pruned weight, by tensor accounting of the plugin's masks after a
+  real fit (the previous code also kept a copy of every mask in the parameter's dtype);
+- ``qat``: bytes autograd keeps for backward (every saved tensor's storage, counted once, through
+  ``saved_tensors_hooks``) in a forward/backward of batch 2 x 64 tokens, plain and with int8 / int4
+  fake quantization, with the fake-quantized weights kept (the previous behaviour) or recomputed;
+- ``fsdp2`` (``--fsdp2``, 20M only by default): real 2-process ``Trainer.fit`` under
+  ``ModelParallelStrategy`` + ``fully_shard`` on CPU gloo, each rank's peak RSS (``VmHWM``) for plain
+  fine-tuning, pruning, int8 QAT and distillation, and each rank's share of the teacher.
+
+Usage::
+
+    nice -n 10 python benchmarks/bench_memory.py [--sizes 20M,100M] [--fsdp2] [--quick]
+
+Writes ``benchmarks/results/memory.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("LIGHTNING_SHRINK_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT.parent / "tests"))
+
+import torch  # noqa: E402
+
+#: hidden, intermediate, layers, heads, vocabulary: about 20M, 100M and 400M parameters.
+SIZES = {
+    "20M": (256, 704, 8, 4, 32000),
+    "100M": (640, 1728, 10, 10, 32000),
+    "400M": (1024, 2752, 24, 16, 32000),
+}
+GiB = 1024**3
+
+
+def llama(size: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, vocab = SIZES[size]
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _linear_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [
+        m.weight.detach()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "layers" in n
+    ]
+
+
+def selection(size: str, reps: int) -> dict[str, Any]:
+    from legacy_selection import legacy_compute_masks
+
+    from lightning_shrink.pruning.distributed import Comm
+    from lightning_shrink.pruning.masks import compute_masks, parse_pattern
+
+    weights = _linear_weights(llama(size))
+    n = sum(w.numel() for w in weights)
+    keeps = [torch.ones_like(w, dtype=torch.bool) for w in weights]
+    args = (
+        weights,
+        keeps,
+        [False] * len(weights),
+        [w.numel() for w in weights],
+        0.5,
+        parse_pattern("unstructured"),
+    )
+    out: dict[str, Any] = {"weights": n}
+    results = {}
+    for name, fn in (("previous", legacy_compute_masks), ("radix", compute_masks)):
+        times, peaks = [], []
+        for _ in range(reps):
+            base = _status("VmRSS")
+            _reset_peak()
+            start = time.perf_counter()
+            masks = fn(*args, Comm())
+            times.append(time.perf_counter() - start)
+            peaks.append(_status("VmHWM") - base)
+            results[name] = masks
+            del masks
+        out[name] = {
+            "seconds_per_million_weights": statistics.median(times) / n * 1e6,
+            "transient_bytes_per_weight": min(peaks) / n,
+        }
+    out["identical_masks"] = all(
+        torch.equal(a, b) for a, b in zip(results["previous"], results["radix"], strict=True)
+    )
+    out["speedup"] = (
+        out["previous"]["seconds_per_million_weights"] / out["radix"]["seconds_per_million_weights"]
+    )
+    return out
+
+
+def masks(size: str, dtype: torch.dtype) -> dict[str, Any]:
+    from test_large_models import LlamaModule, Tokens
+
+    import lightning_shrink as ls
+    from lightning_shrink.testing.models import cpu_trainer
+
+    class Module(LlamaModule):
+        def configure_model(self) -> None:
+            if self.model is None:
+                self.model = llama(size, dtype)
+
+    pruning = ls.GradualMagnitudePruning(0.5, start_step=0, end_step=1, frequency=1)
+    trainer = cpu_trainer(
+        callbacks=[pruning], max_steps=1, precision="bf16-true" if dtype == torch.bfloat16 else "32-true"
+    )
+    trainer.fit(Module(), torch.utils.data.DataLoader(Tokens(n=2, length=16), batch_size=2))
+    plugin = pruning.plugin
+    held = {id(t): t for t in plugin.keeps}
+    held.update({id(t): t for t in getattr(plugin, "_active_masks", [])})
+    mask_bytes = sum(t.numel() * t.element_size() for t in held.values())
+    pruned_params = sum(p.numel() for p in plugin.params)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "bytes_per_pruned_weight": mask_bytes / pruned_params,
+        "previous_bytes_per_pruned_weight": 1 + itemsize,
+    }
+
+
+def qat(size: str) -> dict[str, Any]:
+    from lightning_shrink.quantization import fake_layers
+    from lightning_shrink.quantization.config import QuantizationConfig
+    from lightning_shrink.quantization.prepare import prepare_qat
+
+    def saved_bytes(model: torch.nn.Module) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+            return t
+
+        ids = torch.randint(0, 32000, (2, 64), generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(v for k, v in storages.items() if k not in params)
+
+    out: dict[str, Any] = {}
+    plain = saved_bytes(llama(size))
+    out["plain_saved_bytes"] = plain
+    for bits, extra in ((8, {}), (4, {"group_size": 32})):
+        model = llama(size)
+        prepare_qat(model, QuantizationConfig(weight_bits=bits, activations=None, embeddings=False, **extra))
+        quantized = sum(m.weight.numel() for m in model.modules() if fake_layers.is_prepared(m))
+        for mode, recompute in (("previous", False), ("recomputed", True)):
+            fake_layers.RECOMPUTE_IN_BACKWARD = recompute
+            out[f"int{bits}_{mode}_extra_bytes_per_weight"] = (saved_bytes(model) - plain) / quantized
+        fake_layers.RECOMPUTE_IN_BACKWARD = True
+    return out
+
+
+FSDP2_SCRIPT = """
+import json, os, sys, torch
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {bench!r})
+from lightning.pytorch.strategies import ModelParallelStrategy
+import lightning_shrink as ls
+from lightning_shrink.testing.models import cpu_trainer
+from test_large_models import LlamaModule, Tokens
+from bench_memory import llama, _status
+size, mode = {size!r}, {mode!r}
+class Module(LlamaModule):
+    def configure_model(self):
+        if self.model is None:
+            from torch.distributed.fsdp import fully_shard
+            with torch.device("cpu"):
+                self.model = llama(size)
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+teacher = llama(size) if mode == "distillation" else None
+callbacks = {{"plain": [],
+    "pruning": [ls.GradualMagnitudePruning(0.5, start_step=0, end_step=1, frequency=1)],
+    "qat_int8": [ls.QuantizationAwareTraining(activations=None, embeddings=False)],
+    "distillation": [ls.KnowledgeDistillation(teacher)] if teacher is not None else []}}[mode]
+strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+trainer = cpu_trainer(callbacks=callbacks, strategy=strategy,
+    devices=2, max_steps=2, use_distributed_sampler=False)
+trainer.fit(Module(), torch.utils.data.DataLoader(Tokens(n=4, length=64), batch_size=2))
+result = {{"peak_rss_bytes": _status("VmHWM")}}
+if teacher is not None:
+    result["teacher_local_bytes"] = sum(
+        (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+        for p in teacher.parameters())
+    result["teacher_bytes"] = sum(p.numel() * p.element_size() for p in teacher.parameters())
+with open(os.path.join({out!r}, f"{{mode}}_rank{{trainer.global_rank}}.json"), "w") as f:
+    json.dump(result, f)
+"""
+
+
+def fsdp2(size: str, tmp: Path) -> dict[str, Any]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {}
+    env = {**os.environ, "PYTHONPATH": str(ROOT.parent), "OMP_NUM_THREADS": "1"}
+    for mode in ("plain", "pruning", "qat_int8", "distillation"):
+        code = FSDP2_SCRIPT.format(
+            tests=str(ROOT.parent / "tests"), bench=str(ROOT), size=size, mode=mode, out=str(tmp)
+        )
+        script = tmp / f"{mode}.py"
+        script.write_text(code)
+        proc = subprocess.run(
+            [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=1200
+        )
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-3000:])
+        ranks = [json.loads((tmp / f"{mode}_rank{r}.json").read_text()) for r in range(2)]
+        out[mode] = {"peak_rss_GiB_per_rank": max(r["peak_rss_bytes"] for r in ranks) / GiB}
+        if mode == "distillation":
+            out[mode]["teacher_share_of_full"] = (
+                max(r["teacher_local_bytes"] for r in ranks) / ranks[0]["teacher_bytes"]
+            )
+    for mode in ("pruning", "qat_int8", "distillation"):
+        out[mode]["extra_GiB_per_rank_vs_plain"] = (
+            out[mode]["peak_rss_GiB_per_rank"] - out["plain"]["peak_rss_GiB_per_rank"]
+        )
+    return out
+
+
+def one_size(size: str, reps: int, with_fsdp2: bool) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    params = sum(p.numel() for p in llama(size).parameters())
+    result: dict[str, Any] = {"parameters": params}
+    result["selection"] = selection(size, reps)
+    result["masks_bf16"] = masks(size, torch.bfloat16)
+    result["qat"] = qat(size)
+    if with_fsdp2:
+        result["fsdp2_devices2"] = fsdp2(size, ROOT / "results" / "extra" / f"memory_{size}")
+    return result
+
+
+def extrapolation(results: dict[str, Any]) -> dict[str, Any]:
+    """Extra memory per GPU (GB, bf16 weights, 8 GPUs, FSDP2) for 7B and 70B Llama models, from the
+    measured bytes per weight; the teacher is the same size as the student."""
+    largest = results[max(results, key=lambda s: results[s]["parameters"])]
+    sel = largest["selection"]
+    q = largest["qat"]
+    table = {}
+    for name, params in (("7B", 6.74e9), ("70B", 69.0e9)):
+        local = params / 8
+        row = {
+            "lora_base_bf16_GB": 2 * local / 1e9,
+            "pruning_persistent_GB": 1.0 * local / 1e9,
+            "pruning_persistent_previous_GB": 3.0 * local / 1e9,
+            "pruning_transient_GB": sel["radix"]["transient_bytes_per_weight"] * local / 1e9,
+            "pruning_transient_previous_GB": sel["previous"]["transient_bytes_per_weight"] * local / 1e9,
+            # previous: each layer's fake-quantized copy (unsharded, bf16) held until backward
+            "qat_GB": max(0.0, q["int8_recomputed_extra_bytes_per_weight"] / 2) * 2 * local / 1e9,
+            "qat_previous_GB": 2 * params / 1e9,
+            "teacher_GB": 2 * local / 1e9,
+            "teacher_previous_GB": 2 * params / 1e9,
+        }
+        row["all_fit_80GB"] = (
+            row["lora_base_bf16_GB"]
+            + row["pruning_persistent_GB"]
+            + row["pruning_transient_GB"]
+            + row["qat_GB"]
+            + row["teacher_GB"]
+        ) < 80
+        row["all_previous_fit_80GB"] = (
+            row["lora_base_bf16_GB"]
+            + row["pruning_persistent_previous_GB"]
+            + row["pruning_transient_previous_GB"]
+            + row["qat_previous_GB"]
+            + row["teacher_previous_GB"]
+        ) < 80
+        table[name] = row
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="20M,100M")
+    parser.add_argument("--fsdp2", action="store_true", help="also the 2-process FSDP2 fits (20M)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    reps = 1 if args.quick else 3
+    if args.one:
+        print(json.dumps(one_size(args.one, reps, args.fsdp2)))
+        return
+    results: dict[str, Any] = {}
+    for size in args.sizes.split(","):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            size,
+            *(["--fsdp2"] if args.fsdp2 and size == "20M" else []),
+        ]
+        cmd += ["--quick"] if args.quick else []
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-3000:])
+        results[size] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(size, json.dumps(results[size]), flush=True)
+    out = {
+        "benchmark": "memory",
+        "command": "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "sizes": results,
+        "extrapolation_8_gpus": extrapolation(results),
+    }
+    path = ROOT / "results" / "memory.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out["extrapolation_8_gpus"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
