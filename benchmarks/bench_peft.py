@@ -155,11 +155,14 @@ def main() -> None:
     }
     unmasked = fine_tune(base, args.steps, pruning(), MaskAtMergeOnly())
     trained = accuracy(unmasked, test)
+    as_trained = copy.deepcopy(unmasked)
     for layer in ls.adapters.lora_layers(unmasked).values():
         adopt(layer, pruned=True)
+    merged = unmasked.merge_and_unload()
     results["prune mask-at-merge"] = {
         "trained": trained,
-        "merged": accuracy(unmasked.merge_and_unload(), test),
+        "merged": accuracy(merged, test),
+        "logit_gap": logit_gap(as_trained, merged, test),
     }
 
     exports: dict[str, nn.Module] = {}
