@@ -65,6 +65,13 @@ def accuracy(model: nn.Module, data: Any) -> float:
     return right / total
 
 
+def logit_gap(a: nn.Module, b: nn.Module, data: Any) -> float:
+    """The largest difference between the two models' logits over ``data``."""
+    a.eval(), b.eval()
+    with torch.no_grad():
+        return max(float((a(**x).logits - b(**x).logits).abs().max()) for x in data)
+
+
 def latency_ms(model: nn.Module, repeats: int = 200) -> float:
     batch = next(iter(token_dataloader(1, batch_size=1, seq_len=SEQ, vocab_size=VOCAB, seed=9)))
     model.eval()
@@ -140,17 +147,22 @@ def main() -> None:
         return GradualMagnitudePruning(target_sparsity=0.5, scope="layer", end_step=0.6, frequency=10)
 
     masked = fine_tune(base, args.steps, pruning())
+    merged = copy.deepcopy(masked).merge_and_unload()
     results["prune masked"] = {
         "trained": accuracy(masked, test),
-        "merged": accuracy(copy.deepcopy(masked).merge_and_unload(), test),
+        "merged": accuracy(merged, test),
+        "logit_gap": logit_gap(masked, merged, test),
     }
     unmasked = fine_tune(base, args.steps, pruning(), MaskAtMergeOnly())
     trained = accuracy(unmasked, test)
+    as_trained = copy.deepcopy(unmasked)
     for layer in ls.adapters.lora_layers(unmasked).values():
         adopt(layer, pruned=True)
+    merged = unmasked.merge_and_unload()
     results["prune mask-at-merge"] = {
         "trained": trained,
-        "merged": accuracy(unmasked.merge_and_unload(), test),
+        "merged": accuracy(merged, test),
+        "logit_gap": logit_gap(as_trained, merged, test),
     }
 
     exports: dict[str, nn.Module] = {}
@@ -179,10 +191,11 @@ def main() -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"pretrained {results['pretrained']:.3f}, LoRA {results['lora']:.3f} ({args.steps} steps each)\n")
-    print("| pruning 50 % of the base weights | accuracy training saw | merged model |")
-    print("|---|---|---|")
+    print("| pruning 50 % of the base weights | accuracy training saw | merged model | max logit gap |")
+    print("|---|---|---|---|")
     for key in ("prune masked", "prune mask-at-merge"):
-        print(f"| {key} | {results[key]['trained']:.3f} | {results[key]['merged']:.3f} |")
+        r = results[key]
+        print(f"| {key} | {r['trained']:.3f} | {r['merged']:.3f} | {r['logit_gap']:.2e} |")
     print("\n| export | file (KiB) | accuracy | batch-1 latency (ms) |")
     print("|---|---|---|---|")
     for key in exports:

@@ -391,10 +391,17 @@ def test_dp_refuses_a_trainable_parameter_shared_between_adapters() -> None:
         )
 
 
-def test_dp_refuses_pruned_lora_layers() -> None:
+@pytest.mark.parametrize(
+    "technique",
+    [
+        lambda: GradualMagnitudePruning(target_sparsity=0.5),
+        lambda: QuantizationAwareTraining(activations=None, adapters="merged"),
+    ],
+    ids=["pruned-base", "merged-qat"],
+)
+def test_dp_refuses_lora_layers_with_a_dense_adapter_path(technique: Any) -> None:
     dp = DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp")
-    pruning = GradualMagnitudePruning(target_sparsity=0.5)
     with pytest.raises(PrivacyError, match=r"compute their adapter as a dense delta"):
-        cpu_trainer(callbacks=[dp, pruning], max_steps=1).fit(
+        cpu_trainer(callbacks=[dp, technique()], max_steps=1).fit(
             LoraClassifier(), DataLoader(random_classification_data(64), batch_size=8)
         )

@@ -191,7 +191,9 @@ def adapter_roles(model: nn.Module) -> AdapterRoles:
     return roles
 
 
-def mask_lora_deltas(model: nn.Module, pruned: list[str]) -> list[str]:
+def mask_lora_deltas(
+    model: nn.Module, pruned: list[str], owner: str = "GradualMagnitudePruning"
+) -> list[str]:
     """Make every LoRA layer whose base weight is among the ``pruned`` parameter names mask its adapter
     delta with that weight's zeros (:class:`~lightning_shrink.adapters.lora_layer.ShrinkLoraLinear`),
     so that the merged weight stays sparse; returns the LoRA layers' names."""
@@ -204,11 +206,13 @@ def mask_lora_deltas(model: nn.Module, pruned: list[str]) -> list[str]:
         from lightning_shrink.adapters.lora_layer import adopt
 
         for name in names:
-            adopt(model.get_submodule(name), pruned=True)
+            adopt(model.get_submodule(name), pruned=True, owner=owner)
     return names
 
 
-def quantize_lora_merged(model: nn.Module, prepared: Iterable[nn.Module]) -> list[str]:
+def quantize_lora_merged(
+    model: nn.Module, prepared: Iterable[nn.Module], owner: str = "QuantizationAwareTraining"
+) -> list[str]:
     """Make every LoRA layer whose base layer is among the ``prepared`` (fake-quantized) layers compute
     with the fake-quantized merged weight (``adapters="merged"``); returns the LoRA layers' names."""
     roles = adapter_roles(model)
@@ -219,7 +223,7 @@ def quantize_lora_merged(model: nn.Module, prepared: Iterable[nn.Module]) -> lis
         from lightning_shrink.adapters.lora_layer import adopt
 
         for name in names:
-            adopt(model.get_submodule(name))
+            adopt(model.get_submodule(name), owner=owner)
     return names
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from torch import nn
 
 from lightning_shrink.quantization.fake_layers import is_prepared
@@ -77,6 +78,9 @@ class ShrinkLoraLinear(LoraLinear):
             or (self._mask() is None and not merged_quant)
         ):
             return super().forward(x, *args, **kwargs)
+        kwargs.pop("adapter_names", None)
+        for key in VARIANT_KWARG_KEYS:  # peft's own forward does not pass these to the base layer either
+            kwargs.pop(key, None)
         if merged_quant:
             return self._merged_forward(x)
         result = self.base_layer(x, *args, **kwargs)
@@ -106,11 +110,25 @@ class ShrinkLoraLinear(LoraLinear):
         return result
 
 
-def adopt(module: nn.Module, *, pruned: bool | None = None) -> ShrinkLoraLinear:
+def adopt(module: nn.Module, *, pruned: bool | None = None, owner: str = "adopt") -> ShrinkLoraLinear:
     """Make the ``peft.tuners.lora.Linear`` ``module`` a :class:`ShrinkLoraLinear`, in place;
-    ``pruned=True`` masks its adapter with its base weight's zeros."""
+    ``pruned=True`` masks its adapter with its base weight's zeros.
+
+    Raises:
+        TypeError: ``module`` is not a peft LoRA ``Linear``.
+        ValueError: its base weight is sharded (an FSDP2 ``DTensor``): the masked or merged delta
+            needs the whole weight on every rank.
+    """
     if not isinstance(module, LoraLinear):
-        raise TypeError(f"adopt: {type(module).__name__} is not a peft.tuners.lora.Linear")
+        raise TypeError(f"{owner}: {type(module).__name__} is not a peft.tuners.lora.Linear")
+    weight = getattr(module.get_base_layer(), "weight", None)
+    if type(weight).__name__ == "DTensor" or type(getattr(weight, "data", None)).__name__ == "DTensor":
+        raise ValueError(
+            f"{owner}: the base weight of a LoRA layer is sharded (FSDP2): masking its adapter by the pruned "
+            "weight, or fake-quantizing the merged weight, needs the whole weight on each rank; this is "
+            "supported in one process and under DDP. Under FSDP2 use "
+            "QuantizationAwareTraining(adapters='base') and no pruning of LoRA base weights"
+        )
     if not isinstance(module, ShrinkLoraLinear):
         module.__class__ = ShrinkLoraLinear
     if pruned is not None:

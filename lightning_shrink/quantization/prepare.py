@@ -146,13 +146,13 @@ def prepare_qat(
         if is_prepared(m):
             continue
         _check_divides(name, m, config, tied=name in heads)
+    if config.adapters == "merged":  # LoRA layers over selected base layers compute fq(W + s·B·A)
+        quantize_lora_merged(model, layers.values(), f"{OWNER} {owner!r}")
     for name, m in layers.items():  # only once every layer passed the checks: no half-prepared model
         if is_prepared(m):
             m.__dict__["shrink_qat"] = settings
         else:
             prepare_module(m, settings, tied=name in heads)
-    if config.adapters == "merged":
-        quantize_lora_merged(model, layers.values())
     return list(layers)
 
 
