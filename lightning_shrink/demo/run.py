@@ -105,6 +105,7 @@ def run_demo(
         raise DemoError("--data and --dataset cannot be used together: --data names your own data")
     if dataset is not None and dataset not in DATASETS:
         raise DemoError(f"--dataset: unknown data set {dataset!r} (choose from {', '.join(DATASETS)})")
+    started = time.perf_counter()
     cfg = replace(PRESETS[preset], **overrides)
     try:
         recipe = cfg.compression_recipe()
@@ -144,6 +145,7 @@ def run_demo(
             results["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
             results["preset"] = preset
             results["dataset"] = dataset or (DEFAULT_DATASET if data is None else None)
+            results["wall_seconds"] = round(time.perf_counter() - started, 1)
             (staging / "results.json").write_text(json.dumps(results, indent=2, default=str))
     say(f"done: results in {output}")
     if verbose:
