@@ -7,9 +7,9 @@ Modules, one job each: :mod:`~lightning_shrink.demo.data` (data sources and the 
 :mod:`~lightning_shrink.demo.datamodule` (tokenized loaders and :class:`TextClassificationData`),
 :mod:`~lightning_shrink.demo.config` (:class:`DemoConfig` and the presets),
 :mod:`~lightning_shrink.demo.recipe` (the recipe table and the compression callbacks),
-:mod:`~lightning_shrink.demo.measure` (accuracy, latency, sparsity, sizes), :mod:`~lightning_shrink.demo.console` (what is printed),
-:mod:`~lightning_shrink.demo.summary` (the result table), :mod:`~lightning_shrink.demo.run` (the
-pipeline, :func:`run_demo`).
+:mod:`~lightning_shrink.demo.measure` (accuracy, latency, sparsity, sizes),
+:mod:`~lightning_shrink.demo.console` (what is printed), :mod:`~lightning_shrink.demo.summary` (the
+result table), :mod:`~lightning_shrink.demo.run` (the pipeline, :func:`run_demo`).
 
 The pieces are reusable: :class:`SequenceClassifier` and :class:`TextClassificationData` serve the
 ``lightning-shrink fit`` recipes and the examples.
