@@ -175,6 +175,34 @@ GOALS: tuple[Goal, ...] = (
         ">=",
         3.0,
     ),
+    *(
+        goal
+        for dataset in ("rotten_tomatoes", "tweet_sentiment")
+        for goal in (
+            Goal(
+                "demo",
+                f"`demo --quick --dataset {dataset}`: compressed accuracy vs dense (points)",
+                (("datasets", dataset, "difference_points"),),
+                ">=",
+                -3.0,
+                unit=" points",
+            ),
+            Goal(
+                "demo",
+                f"`demo --quick --dataset {dataset}`: batch-1 CPU speed-up over dense",
+                (("datasets", dataset, "speedup"),),
+                ">=",
+                2.0,
+            ),
+            Goal(
+                "demo",
+                f"`demo --quick --dataset {dataset}`: FP32 checkpoint size / export size",
+                (("datasets", dataset, "size_ratio"),),
+                ">=",
+                6.0,
+            ),
+        )
+    ),
 )
 
 

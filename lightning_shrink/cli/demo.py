@@ -24,13 +24,22 @@ _OVERRIDES: dict[str, type] = {
 
 
 def demo_parser() -> argparse.ArgumentParser:
+    from lightning_shrink.demo.datasets import DATASETS, DEFAULT_DATASET
+    from lightning_shrink.demo.recipe import RECIPES
+
     parser = argparse.ArgumentParser(
         prog="lightning-shrink demo",
         description=(
-            "Fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes review snippets (split by movie) dense, then "
-            "compressed with GradualMagnitudePruning + QuantizationAwareTraining + KnowledgeDistillation "
-            "from the dense teacher; convert, export, and report accuracy, sparsity, size and latency."
+            "Fine-tune all-MiniLM-L6-v2 on real labelled texts (by default Rotten Tomatoes review "
+            "snippets, split by movie) dense, then compressed with the preset's recipe (pruning, int8 "
+            "quantization-aware training and distillation from the dense teacher); convert, export, "
+            "and report accuracy, sparsity, size and latency."
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="data sets (--dataset):\n"
+        + "\n".join(f"  {d.name:<18}{d.description}" for d in DATASETS.values())
+        + "\nrecipes (--recipe):\n"
+        + "\n".join(f"  {r.name:<18}{r.summary}" for r in RECIPES.values()),
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a short run (about 3 minutes on 2 CPU cores)")
@@ -45,10 +54,23 @@ def demo_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty --output-dir at the end"
     )
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--dataset",
+        default=None,
+        choices=list(DATASETS),
+        help=f"a data set the demo knows (default: {DEFAULT_DATASET})",
+    )
+    source.add_argument(
         "--data",
         default=None,
-        help="a local CSV file or a Hugging Face dataset id instead of the Rotten Tomatoes snippets",
+        help="a local CSV file or a Hugging Face dataset id instead of a named --dataset",
+    )
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        choices=list(RECIPES),
+        help="the compression recipe (default: the preset's; the run prints which and why)",
     )
     parser.add_argument("--text-column", default="text", help="text column of --data (default: %(default)s)")
     parser.add_argument(
@@ -58,7 +80,7 @@ def demo_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--techniques",
         default=None,
-        help="comma-separated subset of pruning,quantization,distillation (default: all three)",
+        help="comma-separated subset of pruning,quantization,distillation (default: the recipe's)",
     )
     for name, kind in _OVERRIDES.items():
         option = name.replace("_", "-")
@@ -87,6 +109,8 @@ def run_demo_command(args: Sequence[str]) -> int:
     overrides: dict[str, Any] = {
         name: getattr(ns, name) for name in _OVERRIDES if getattr(ns, name) is not None
     }
+    if ns.recipe is not None:
+        overrides["recipe"] = ns.recipe
     if ns.techniques is not None:
         overrides["techniques"] = tuple(t.strip() for t in ns.techniques.split(",") if t.strip())
     try:
@@ -99,6 +123,7 @@ def run_demo_command(args: Sequence[str]) -> int:
             output_dir=ns.output_dir,
             preset=preset,
             data=ns.data,
+            dataset=ns.dataset,
             text_column=ns.text_column,
             label_column=ns.label_column,
             group_column=ns.group_column,

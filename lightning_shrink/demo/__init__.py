@@ -2,13 +2,14 @@
 compressed, with a report (``lightning-shrink demo``).
 
 Modules, one job each: :mod:`~lightning_shrink.demo.data` (data sources and the split by group),
+:mod:`~lightning_shrink.demo.datasets` (the named data sets of ``--dataset``),
 :mod:`~lightning_shrink.demo.model` (the backbone and :class:`SequenceClassifier`),
 :mod:`~lightning_shrink.demo.datamodule` (tokenized loaders and :class:`TextClassificationData`),
 :mod:`~lightning_shrink.demo.config` (:class:`DemoConfig` and the presets),
-:mod:`~lightning_shrink.demo.recipe` (the compression callbacks), :mod:`~lightning_shrink.demo.measure`
-(accuracy, latency, sparsity, sizes), :mod:`~lightning_shrink.demo.console` (what is printed),
-:mod:`~lightning_shrink.demo.summary` (the result table), :mod:`~lightning_shrink.demo.run` (the
-pipeline, :func:`run_demo`).
+:mod:`~lightning_shrink.demo.recipe` (the recipe table and the compression callbacks),
+:mod:`~lightning_shrink.demo.measure` (accuracy, latency, sparsity, sizes),
+:mod:`~lightning_shrink.demo.console` (what is printed), :mod:`~lightning_shrink.demo.summary` (the
+result table), :mod:`~lightning_shrink.demo.run` (the pipeline, :func:`run_demo`).
 
 The pieces are reusable: :class:`SequenceClassifier` and :class:`TextClassificationData` serve the
 ``lightning-shrink fit`` recipes and the examples.
@@ -27,17 +28,22 @@ from lightning_shrink.demo.data import (
     split_by_group,
 )
 from lightning_shrink.demo.datamodule import TextClassificationData, make_dataloader
+from lightning_shrink.demo.datasets import DATASETS, load_dataset, load_tweet_sentiment
 from lightning_shrink.demo.measure import evaluate_accuracy, machine_info, measure_latency
 from lightning_shrink.demo.model import SequenceClassifier, bert_config, load_backbone, load_tokenizer
+from lightning_shrink.demo.recipe import RECIPES, Recipe
 from lightning_shrink.demo.run import run_demo
 
 __all__ = [
+    "DATASETS",
     "PRESETS",
+    "RECIPES",
     "TECHNIQUES",
     "DataError",
     "DemoConfig",
     "DemoError",
     "Example",
+    "Recipe",
     "SequenceClassifier",
     "TextClassificationData",
     "TextClassificationSet",
@@ -47,9 +53,11 @@ __all__ = [
     "load_backbone",
     "load_csv",
     "load_data",
+    "load_dataset",
     "load_hf_dataset",
     "load_rotten_tomatoes",
     "load_tokenizer",
+    "load_tweet_sentiment",
     "machine_info",
     "make_dataloader",
     "measure_latency",

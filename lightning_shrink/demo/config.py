@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from lightning_shrink.config import check_choice, check_number
 from lightning_shrink.demo.model import MINILM
+from lightning_shrink.demo.recipe import DEFAULT_RECIPE, RECIPES, Recipe, get_recipe
 
 __all__ = ["PRESETS", "TECHNIQUES", "DemoConfig", "DemoError", "check_option"]
 
@@ -41,13 +42,17 @@ _NUMBERS: dict[str, dict[str, Any]] = {
     "latency_inputs": dict(low=1, integer=True),
     "seed": dict(low=0, integer=True),
 }
-_CHOICES: dict[str, tuple[Any, ...]] = {"embedding_bits": (8, 4)}
+_CHOICES: dict[str, tuple[Any, ...]] = {"embedding_bits": (8, 4), "recipe": tuple(RECIPES)}
+#: Fields whose ``None`` means "the recipe's value".
+_FROM_RECIPE = ("sparsity", "embedding_bits", "techniques")
 
 
 def check_option(owner: str, argument: str, field: str, value: Any) -> Any:
     """Check ``value`` for the :class:`DemoConfig` field ``field`` and return it; the message of the
     ``TypeError`` / ``ValueError`` names ``owner`` and ``argument`` (``--sparsity`` on the command
     line, ``sparsity`` in Python)."""
+    if field in _FROM_RECIPE and value is None:
+        return None
     if field in _NUMBERS:
         return check_number(owner, argument, value, **_NUMBERS[field])
     if field in _CHOICES:
@@ -84,10 +89,11 @@ class DemoConfig:
         max_length: Tokens per example.
         lr: Peak learning rate of the dense fine-tune.
         student_lr: Peak learning rate of the compressed fine-tune.
-        sparsity: Target sparsity of the pruning, in ``(0, 1)``.
-        embedding_bits: Bits of the quantized embedding tables, ``8`` or ``4`` (int4 in groups of
-            ``embedding_group_size``; the word-embedding table is half of MiniLM's weights, and
-            int8 tables leave the export at 5.8x smaller than FP32 instead of the goal's 6x).
+        recipe: The compression recipe, a name of :data:`~lightning_shrink.demo.recipe.RECIPES`.
+        sparsity: Target sparsity of the pruning, in ``(0, 1)``; ``None``: the recipe's.
+        embedding_bits: Bits of the quantized embedding tables, ``8`` or ``4``; ``None``: the
+            recipe's (int4 in groups of ``embedding_group_size``; the word-embedding table is half
+            of MiniLM's weights, and int8 tables leave the export at 5.8x smaller than FP32).
         embedding_group_size: Elements of an embedding row per scale when ``embedding_bits=4``.
         prune_frequency: Steps between mask updates, as a fraction of the student's steps.
         temperature: Distillation temperature.
@@ -95,7 +101,8 @@ class DemoConfig:
         latency_repetitions: Interleaved repetitions of the latency measurement.
         latency_inputs: Test examples per latency repetition (batch size 1).
         seed: Seed of the split, the subsets, the shuffling and the initialization.
-        techniques: The techniques of the compressed fine-tune, a subset of :data:`TECHNIQUES`.
+        techniques: The techniques of the compressed fine-tune, a subset of :data:`TECHNIQUES`;
+            ``None``: the recipe's.
 
     Raises:
         TypeError: a field has the wrong type.
@@ -111,8 +118,9 @@ class DemoConfig:
     max_length: int = 64
     lr: float = 5e-5
     student_lr: float = 5e-5
-    sparsity: float = 0.8
-    embedding_bits: int = 4
+    recipe: str = DEFAULT_RECIPE
+    sparsity: float | None = None
+    embedding_bits: int | None = None
     embedding_group_size: int | None = 64
     prune_frequency: float = 0.02
     temperature: float = 2.0
@@ -120,7 +128,7 @@ class DemoConfig:
     latency_repetitions: int = 30
     latency_inputs: int = 8
     seed: int = 0
-    techniques: tuple[str, ...] = tuple(TECHNIQUES)
+    techniques: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -128,9 +136,30 @@ class DemoConfig:
                 self, f.name, check_option("DemoConfig", f.name, f.name, getattr(self, f.name))
             )
 
+    def compression_recipe(self) -> Recipe:
+        """The recipe this run uses: :attr:`recipe` with :attr:`sparsity`, :attr:`embedding_bits`
+        and :attr:`techniques` applied where they are set.
+
+        Raises:
+            ValueError: the installed lightning-shrink cannot run the recipe.
+        """
+        recipe = get_recipe(self.recipe).with_overrides(self.sparsity, self.embedding_bits, self.techniques)
+        reason = recipe.unavailable()
+        if reason is not None:
+            raise ValueError(f"DemoConfig: recipe {recipe.name!r} cannot run: {reason}")
+        if recipe.quantization is not None and recipe.quantization_arguments().get("embedding_bits") == 4:
+            recipe = replace(
+                recipe,
+                quantization={**recipe.quantization, "embedding_group_size": self.embedding_group_size},
+            )
+        return recipe
+
 
 #: Sizes: ``quick`` ends within about 5 minutes on 2 CPU cores (2.5 measured), ``default`` within
 #: about 20 (15 measured); ``smoke`` trains a tiny random BERT on a few dozen examples (for tests).
+#: Every preset uses the ``sparse50-int8-kd`` recipe (:data:`~lightning_shrink.demo.recipe.RECIPES`):
+#: at the quick budget it meets the demo's goals on both named data sets, while 80 % sparsity loses
+#: 13 points (docs/benchmarks.md).
 PRESETS: dict[str, DemoConfig] = {
     "default": DemoConfig(),
     "quick": DemoConfig(

@@ -1,54 +1,255 @@
-"""The demo's compression recipe: the technique callbacks of the compressed fine-tune, built from a
-:class:`~lightning_shrink.demo.config.DemoConfig`."""
+"""The demo's compression recipes: a table of named recipes (:data:`RECIPES`), each the technique
+callbacks of the compressed fine-tune with their arguments, and the callbacks built from one.
+
+A recipe is data: the keyword arguments of :class:`~lightning_shrink.GradualMagnitudePruning`,
+:class:`~lightning_shrink.QuantizationAwareTraining` and whether
+:class:`~lightning_shrink.KnowledgeDistillation` from the dense teacher is used. Adding a recipe
+that needs an option a newer lightning-shrink provides (a pruning ``pattern`` or importance
+``criterion``) is one more entry; :meth:`Recipe.unavailable` builds the techniques' validated
+configurations from the arguments, so a recipe naming an option this installation does not know is
+reported as unavailable (with the techniques' own message) instead of failing mid-run.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any
 
 from torch import nn
 
-from lightning_shrink.demo.config import DemoConfig
+__all__ = ["DEFAULT_RECIPE", "RECIPES", "Recipe", "compression_callbacks", "get_recipe"]
 
-__all__ = ["compression_callbacks"]
+#: Pruning arguments every recipe shares unless it sets them: prune from 5 % to 70 % of the steps,
+#: then let the model recover; ``scope="layer"``: every layer reaches the target on its own (a
+#: global threshold removes MiniLM's pooler entirely: its weights are the smallest, since the
+#: sentence-transformers checkpoint never trained it, and the classifier then sees a constant).
+PRUNING_DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(start_step=0.05, end_step=0.7, scope="layer"))
+#: Quantization arguments every recipe shares unless it sets them: int8 Linear layers with dynamic
+#: per-token activations (what the converted model computes with), int4 embedding tables in groups
+#: of 64 (the 30,522 x 384 word-embedding table is half of MiniLM's weights; as int8 it alone keeps
+#: the export above 1/6 of the FP32 checkpoint).
+QUANTIZATION_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    dict(weight_bits=8, activations="dynamic", embedding_bits=4, embedding_group_size=64)
+)
 
 
-def compression_callbacks(cfg: DemoConfig, teacher: nn.Module | None) -> list[Any]:
-    """The callbacks of ``cfg.techniques``, in the order pruning, quantization, distillation (the
-    order does not matter to the hook system; it is the order of the printed description).
+def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    return None if mapping is None else MappingProxyType(dict(mapping))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named compression recipe of the demo.
+
+    Attributes:
+        name: The name ``--recipe`` takes.
+        summary: What it does, in a few words (printed when the demo starts it).
+        pruning: Keyword arguments of ``GradualMagnitudePruning`` over :data:`PRUNING_DEFAULTS`
+            (``target_sparsity`` at least), or ``None`` for no pruning. ``frequency`` comes from
+            the run's configuration (it depends on the budget).
+        quantization: Keyword arguments of ``QuantizationAwareTraining`` over
+            :data:`QUANTIZATION_DEFAULTS`, or ``None`` for no quantization.
+        distillation: Distil from the dense teacher (``KnowledgeDistillation``).
+        why: Why a preset uses it: the measurement behind the choice (printed with the choice).
+    """
+
+    name: str
+    summary: str
+    pruning: Mapping[str, Any] | None = None
+    quantization: Mapping[str, Any] | None = None
+    distillation: bool = True
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        if self.pruning is not None and "target_sparsity" not in self.pruning:
+            raise ValueError(f"Recipe {self.name!r}: `pruning` must set `target_sparsity`")
+        object.__setattr__(self, "pruning", _frozen(self.pruning))
+        object.__setattr__(self, "quantization", _frozen(self.quantization))
+
+    @property
+    def techniques(self) -> tuple[str, ...]:
+        """The techniques used, in the order pruning, quantization, distillation."""
+        used = (
+            ("pruning", self.pruning is not None),
+            ("quantization", self.quantization is not None),
+            ("distillation", self.distillation),
+        )
+        return tuple(name for name, on in used if on)
+
+    @property
+    def sparsity(self) -> float | None:
+        """The pruning's target sparsity, ``None`` without pruning."""
+        return None if self.pruning is None else float(self.pruning["target_sparsity"])
+
+    def pruning_arguments(self, frequency: float | int) -> dict[str, Any]:
+        """The keyword arguments of ``GradualMagnitudePruning`` (defaults, the recipe's, ``frequency``)."""
+        if self.pruning is None:
+            raise ValueError(f"Recipe {self.name!r} does not prune")
+        return {**PRUNING_DEFAULTS, "frequency": frequency, **self.pruning}
+
+    def quantization_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of ``QuantizationAwareTraining`` (defaults, then the recipe's)."""
+        if self.quantization is None:
+            raise ValueError(f"Recipe {self.name!r} does not quantize")
+        args = {**QUANTIZATION_DEFAULTS, **self.quantization}
+        if args.get("embedding_bits") != 4:
+            args.pop("embedding_group_size", None)
+        return args
+
+    def with_overrides(
+        self,
+        sparsity: float | None = None,
+        embedding_bits: int | None = None,
+        techniques: tuple[str, ...] | None = None,
+    ) -> Recipe:
+        """This recipe with the demo's ``--sparsity`` / ``--embedding-bits`` / ``--techniques``
+        applied (a technique the recipe lacks is added with the defaults; ``sparsity`` sets the
+        pruning's target). The name says that it was changed (``sparse50-int8-kd+sparsity=0.6``)."""
+        pruning = dict(self.pruning) if self.pruning is not None else None
+        quantization = dict(self.quantization) if self.quantization is not None else None
+        distillation = self.distillation
+        changed = []
+        if techniques is not None and tuple(techniques) != self.techniques:
+            if "pruning" not in techniques:
+                pruning = None
+            elif pruning is None:
+                pruning = {"target_sparsity": sparsity if sparsity is not None else 0.5}
+            if "quantization" not in techniques:
+                quantization = None
+            elif quantization is None:
+                quantization = {}
+            distillation = "distillation" in techniques
+            changed.append("techniques=" + ",".join(techniques))
+        if sparsity is not None and pruning is not None and pruning["target_sparsity"] != sparsity:
+            pruning["target_sparsity"] = sparsity
+            changed.append(f"sparsity={sparsity:g}")
+        current_bits = {**QUANTIZATION_DEFAULTS, **(quantization or {})}.get("embedding_bits")
+        if embedding_bits is not None and quantization is not None and current_bits != embedding_bits:
+            quantization["embedding_bits"] = embedding_bits
+            changed.append(f"embedding_bits={embedding_bits}")
+        if not changed:
+            return self
+        return replace(
+            self,
+            name="+".join([self.name, *changed]),
+            pruning=pruning,
+            quantization=quantization,
+            distillation=distillation,
+            why="",
+        )
+
+    def unavailable(self) -> str | None:
+        """Why this installation cannot run the recipe (the techniques' own validation message),
+        or ``None`` when it can: each technique's configuration is built from the arguments."""
+        from lightning_shrink.pruning import PruningConfig
+        from lightning_shrink.quantization import QuantizationConfig
+
+        try:
+            if self.pruning is not None:
+                PruningConfig(**self.pruning_arguments(0.05))
+            if self.quantization is not None:
+                QuantizationConfig(**self.quantization_arguments())
+        except (TypeError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def describe(self) -> str:
+        """One line: the name and the techniques with their main arguments."""
+        parts = []
+        if self.pruning is not None:
+            args = self.pruning_arguments("*")
+            pattern = args.get("pattern", "unstructured")
+            criterion = args.get("criterion")
+            parts.append(
+                f"{args['target_sparsity']:.0%} {pattern} pruning"
+                + (f" ({criterion})" if criterion else " (magnitude)")
+            )
+        if self.quantization is not None:
+            q = self.quantization_arguments()
+            parts.append(f"int{q['weight_bits']} layers, int{q.get('embedding_bits') or 32} embeddings")
+        if self.distillation:
+            parts.append("distillation from the dense teacher")
+        return f"{self.name}: " + (" + ".join(parts) or "no compression")
+
+
+#: The recipes the demo knows. The presets name one each (``DemoConfig.recipe``); ``--recipe``
+#: picks another. Measurements behind the choices: docs/benchmarks.md.
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe(
+            "sparse50-int8-kd",
+            "50 % unstructured magnitude pruning, int8 layers, int4 embeddings, distillation",
+            pruning={"target_sparsity": 0.5},
+            quantization={},
+            why=(
+                "the smallest sparsity at which the export stores the pruned weights as a bitmask and "
+                "their int8 values (tensors under half zeros are stored dense), which takes the export "
+                "past 6x smaller than FP32; the int8 layers give the speed-up"
+            ),
+        ),
+        Recipe(
+            "sparse80-int8-kd",
+            "80 % unstructured magnitude pruning, int8 layers, int4 embeddings, distillation",
+            pruning={"target_sparsity": 0.8},
+            quantization={},
+            why="the smallest export of the table, at a cost in accuracy a short fine-tune does not recover",
+        ),
+        Recipe(
+            "int8-kd",
+            "int8 layers, int4 embeddings, distillation; no pruning",
+            quantization={},
+            why="no pruning: the export keeps every weight (as int8) and stays above 1/6 of FP32",
+        ),
+    )
+}
+DEFAULT_RECIPE = "sparse50-int8-kd"
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe ``name`` of :data:`RECIPES`, checked to be runnable here.
+
+    Raises:
+        ValueError: ``name`` is unknown (the message lists the recipes), or the installed
+            lightning-shrink cannot run it (the message says why).
+    """
+    if name not in RECIPES:
+        raise ValueError(f"--recipe: unknown recipe {name!r} (choose from {', '.join(RECIPES)})")
+    recipe = RECIPES[name]
+    reason = recipe.unavailable()
+    if reason is not None:
+        raise ValueError(f"--recipe: {name!r} cannot run with this lightning-shrink: {reason}")
+    return recipe
+
+
+def compression_callbacks(
+    recipe: Recipe,
+    teacher: nn.Module | None,
+    prune_frequency: float | int = 0.02,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+) -> list[Any]:
+    """The callbacks of ``recipe``, in the order pruning, quantization, distillation (the order does
+    not matter to the hook system; it is the order of the printed description).
 
     Args:
-        cfg: The run's configuration.
-        teacher: The frozen dense model to distil from; needed when ``"distillation"`` is one of
-            the techniques.
+        recipe: The recipe.
+        teacher: The frozen dense model to distil from; needed when the recipe distils.
+        prune_frequency: Steps between mask updates (int) or a fraction of the run (float).
+        temperature: Distillation temperature.
+        alpha: Weight of the distillation loss.
     """
     from lightning_shrink import GradualMagnitudePruning, KnowledgeDistillation, QuantizationAwareTraining
 
     callbacks: list[Any] = []
-    if "pruning" in cfg.techniques:
-        # Fractions of the run: prune from 5 % to 70 % of the steps, then let the model recover.
-        # scope="layer": every layer reaches the target on its own. A global threshold removes
-        # MiniLM's pooler entirely (its weights are the smallest: the sentence-transformers
-        # checkpoint never trained it), and the classifier then sees a constant.
-        callbacks.append(
-            GradualMagnitudePruning(
-                target_sparsity=cfg.sparsity,
-                start_step=0.05,
-                end_step=0.7,
-                frequency=cfg.prune_frequency,
-                scope="layer",
-            )
-        )
-    if "quantization" in cfg.techniques:
-        callbacks.append(
-            QuantizationAwareTraining(
-                weight_bits=8,
-                activations="dynamic",
-                embedding_bits=cfg.embedding_bits,
-                embedding_group_size=cfg.embedding_group_size if cfg.embedding_bits == 4 else None,
-            )
-        )
-    if "distillation" in cfg.techniques:
+    if recipe.pruning is not None:
+        callbacks.append(GradualMagnitudePruning(**recipe.pruning_arguments(prune_frequency)))
+    if recipe.quantization is not None:
+        callbacks.append(QuantizationAwareTraining(**recipe.quantization_arguments()))
+    if recipe.distillation:
         if teacher is None:
             raise ValueError("compression_callbacks: distillation needs the `teacher`")
-        callbacks.append(KnowledgeDistillation(teacher, temperature=cfg.temperature, alpha=cfg.alpha))
+        callbacks.append(KnowledgeDistillation(teacher, temperature=temperature, alpha=alpha))
     return callbacks

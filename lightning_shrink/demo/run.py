@@ -3,11 +3,13 @@ measure and report.
 
 Steps (each printed as it starts):
 
-1. load the data (Rotten Tomatoes snippets split by movie, a CSV, or a Hugging Face dataset);
+1. load the data (a named data set of :mod:`~lightning_shrink.demo.datasets`, by default Rotten
+   Tomatoes snippets split by movie; a CSV; or a Hugging Face dataset);
 2. fine-tune all-MiniLM-L6-v2 dense: the *teacher*;
-3. fine-tune it again with :class:`~lightning_shrink.GradualMagnitudePruning` (80 %),
-   :class:`~lightning_shrink.QuantizationAwareTraining` (int8 layers, int4 embeddings) and
-   :class:`~lightning_shrink.KnowledgeDistillation` from the teacher, starting from the teacher's
+3. fine-tune it again with the preset's recipe (:mod:`~lightning_shrink.demo.recipe`; by default
+   :class:`~lightning_shrink.GradualMagnitudePruning` to 50 %,
+   :class:`~lightning_shrink.QuantizationAwareTraining` with int8 layers and int4 embeddings, and
+   :class:`~lightning_shrink.KnowledgeDistillation` from the teacher), starting from the teacher's
    weights;
 4. :func:`~lightning_shrink.convert` the student to real int8 and
    :func:`~lightning_shrink.export` it;
@@ -41,6 +43,7 @@ from lightning_shrink.demo.config import PRESETS, DemoConfig, DemoError
 from lightning_shrink.demo.console import Printer, StepPrinter, quiet_libraries
 from lightning_shrink.demo.data import TextClassificationSet, dataset_summary, load_data
 from lightning_shrink.demo.datamodule import make_dataloader
+from lightning_shrink.demo.datasets import DATASETS, DEFAULT_DATASET, load_dataset
 from lightning_shrink.demo.measure import (
     directory_size,
     evaluate_accuracy,
@@ -49,7 +52,7 @@ from lightning_shrink.demo.measure import (
     sparsity_of_linears,
 )
 from lightning_shrink.demo.model import SequenceClassifier, load_backbone, load_tokenizer
-from lightning_shrink.demo.recipe import compression_callbacks
+from lightning_shrink.demo.recipe import Recipe, compression_callbacks
 from lightning_shrink.demo.summary import describe_data, report_rows, serve_hint, summary_markdown
 from lightning_shrink.export.atomic import staged_directory
 
@@ -60,6 +63,7 @@ def run_demo(
     output_dir: str | os.PathLike[str] = "shrink-demo",
     preset: str = "default",
     data: str | None = None,
+    dataset: str | None = None,
     text_column: str = "text",
     label_column: str = "label",
     group_column: str | None = None,
@@ -73,7 +77,9 @@ def run_demo(
     Args:
         output_dir: Where the results go; written atomically at the end.
         preset: ``"default"`` (~15 min on 2 cores), ``"quick"`` (~3 min) or ``"smoke"`` (seconds).
-        data: ``None`` for Rotten Tomatoes, a CSV path, or a Hugging Face dataset id.
+        data: A CSV path or a Hugging Face dataset id, instead of a named ``dataset``.
+        dataset: A data set of :data:`~lightning_shrink.demo.datasets.DATASETS` (default
+            ``"rotten_tomatoes"``); not together with ``data``.
         text_column: Text column of a CSV or dataset.
         label_column: Label column of a CSV or dataset.
         group_column: CSV column to keep on one side of the split.
@@ -95,25 +101,51 @@ def run_demo(
     unknown = set(overrides) - set(DemoConfig.__dataclass_fields__)
     if unknown:
         raise DemoError(f"unknown demo option(s): {', '.join(sorted(unknown))}")
+    if data is not None and dataset is not None:
+        raise DemoError("--data and --dataset cannot be used together: --data names your own data")
+    if dataset is not None and dataset not in DATASETS:
+        raise DemoError(f"--dataset: unknown data set {dataset!r} (choose from {', '.join(DATASETS)})")
+    started = time.perf_counter()
     cfg = replace(PRESETS[preset], **overrides)
+    try:
+        recipe = cfg.compression_recipe()
+    except ValueError as exc:
+        raise DemoError(str(exc)) from exc
     output = Path(output_dir).expanduser().resolve()
     _check_output(output, overwrite)
     say = Printer(verbose)
     with contextlib.nullcontext() if verbose else quiet_libraries():
         # Validate the input before anything is written.
-        say(f"loading data ({data or 'Rotten Tomatoes snippets, split by movie'})")
-        full = load_data(data, text_column, label_column, group_column, seed=cfg.seed, verbose=verbose)
-        dataset = full.subsample(cfg.train_size, cfg.test_size, seed=cfg.seed)
-        summary = dataset_summary(dataset)
+        if data is None:
+            name = dataset or DEFAULT_DATASET
+            say(f"loading data ({name}: {DATASETS[name].description})")
+            full = load_dataset(name, seed=cfg.seed, verbose=verbose)
+        else:
+            say(f"loading data ({data})")
+            full = load_data(data, text_column, label_column, group_column, seed=cfg.seed, verbose=verbose)
+        subset = full.subsample(cfg.train_size, cfg.test_size, seed=cfg.seed)
+        summary = dataset_summary(subset)
         say(f"  {describe_data(summary)}; majority class {summary['test_majority_fraction']:.1%} of test")
+        say(f"recipe {recipe.describe()}")
+        if recipe.why:
+            say(f"  chosen for the {preset} preset: {recipe.why}")
 
         output.parent.mkdir(parents=True, exist_ok=True)
         with _unwinding_on_sigterm(), staged_directory(output) as staging:
             results = _run(
-                cfg, dataset, summary, staging, say, bars=progress and verbose, steps=verbose and not progress
+                cfg,
+                recipe,
+                subset,
+                summary,
+                staging,
+                say,
+                bars=progress and verbose,
+                steps=verbose and not progress,
             )
             results["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
             results["preset"] = preset
+            results["dataset"] = dataset or (DEFAULT_DATASET if data is None else None)
+            results["wall_seconds"] = round(time.perf_counter() - started, 1)
             (staging / "results.json").write_text(json.dumps(results, indent=2, default=str))
     say(f"done: results in {output}")
     if verbose:
@@ -190,6 +222,7 @@ def _save_fp32(model: torch.nn.Module, path: Path) -> None:
 
 def _run(
     cfg: DemoConfig,
+    recipe: Recipe,
     dataset: TextClassificationSet,
     summary: dict[str, Any],
     out: Path,
@@ -239,13 +272,15 @@ def _run(
 
     # 2. Compressed fine-tune, starting from the teacher's weights.
     frozen_teacher = None
-    if "distillation" in cfg.techniques:
+    if recipe.distillation:
         frozen_teacher = copy.deepcopy(teacher.model).eval().requires_grad_(False)
-    callbacks = compression_callbacks(cfg, frozen_teacher)
+    callbacks = compression_callbacks(
+        recipe, frozen_teacher, cfg.prune_frequency, temperature=cfg.temperature, alpha=cfg.alpha
+    )
     say(
         f"fine-tuning the compressed student for {cfg.student_steps} steps with "
         + ", ".join(type(cb).__name__ for cb in callbacks)
-        + (f" (target sparsity {cfg.sparsity:.0%})" if "pruning" in cfg.techniques else "")
+        + (f" (target sparsity {recipe.sparsity:.0%})" if recipe.sparsity is not None else "")
     )
     t0 = time.perf_counter()
     student_backbone = load_backbone(cfg.model_name, num_labels)
@@ -265,7 +300,7 @@ def _run(
 
     # 3. Convert and export, and load the export back.
     model = student.model
-    if "quantization" in cfg.techniques:
+    if recipe.quantization is not None:
         say("converting to the inference form (real int8 layers)")
         model = lightning_shrink.convert(model)
     export_dir = out / "model"
@@ -292,7 +327,8 @@ def _run(
     results: dict[str, Any] = {
         "data": summary,
         "config": asdict(cfg),
-        "techniques": list(cfg.techniques),
+        "recipe": {"name": recipe.name, "description": recipe.describe(), "why": recipe.why},
+        "techniques": list(recipe.techniques),
         "accuracy": {
             "dense": dense_acc,
             "compressed_before_conversion": fake_quant_acc,

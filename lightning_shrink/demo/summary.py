@@ -38,6 +38,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
         "",
         f"Data: {describe_data(results['data'])}. Techniques: {', '.join(results['techniques'])}.",
         "",
+        *([f"Recipe {results['recipe']['description']}.", ""] if results.get("recipe") else []),
         "| | dense (teacher) | compressed | |",
         "|---|---|---|---|",
         f"| test accuracy | {acc['dense']:.2%} | {acc['compressed']:.2%} "
