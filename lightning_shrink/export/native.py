@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_shrink.config import check_choice
 from lightning_shrink.export.architecture import _architecture, _builder
 from lightning_shrink.export.atomic import (
     _clean_stale,
@@ -21,10 +22,13 @@ from lightning_shrink.export.atomic import (
     _siblings,
     staged_directory,
 )
+from lightning_shrink.export.hf import HF_FORMAT, find_transformers_model, write_hf
 from lightning_shrink.export.layout import (
     CONFIG_NAME,
     FORMAT,
     FORMAT_VERSION,
+    FORMATS,
+    ONNX_FORMAT,
     WEIGHTS_NAME,
 )
 from lightning_shrink.export.safe_import import _imports_guarded, _RefusedImport
@@ -37,11 +41,28 @@ def export(
     init_args: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     pluginmanager: ShrinkPluginManager | None = None,
+    *,
+    format: str | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write ``model`` in its compressed form to ``directory``.
 
-    Plugins encode the tensors (``shrink_export``): quantization writes prepared or converted
-    layers as int8 weights plus scales; pruning writes sparse tensors where that is smaller.
+    Three formats (``format``):
+
+    ``"hf"`` (the default for transformers models, bare or inside a LightningModule)
+        A Hugging Face directory that ``transformers.AutoModelFor<Task>.from_pretrained`` loads
+        with ``compressed-tensors`` installed, lightning-shrink not needed: quantized layers are
+        stored quantized in the compressed-tensors layout (see :mod:`lightning_shrink.export.hf`).
+    ``"native"`` (the default for other modules)
+        Plugins encode the tensors (``shrink_export``): quantization writes prepared or converted
+        layers as int8 weights plus scales; pruning writes sparse tensors where that is smaller.
+    ``"onnx"``
+        ``model.onnx`` for ONNX Runtime on CPU, with integer matrix products that use the learned
+        weight scales, plus ``config.json`` (see :mod:`lightning_shrink.export.onnx`).
+
+    :func:`load` reads ``"hf"`` and ``"native"`` directories. The tokenizer (``tokenizer=``, or the
+    LightningModule's ``tokenizer`` attribute) is saved into the directory with its
+    ``save_pretrained``, and a generative model's generation config with it.
 
     The export is written into a temporary sibling, ``.<name>.XXXXXXXX.tmp`` (weights, then
     ``config.json``, then ``shrink_config.json``, each synced to disk), and moved into place once
@@ -68,6 +89,10 @@ def export(
         overwrite: Replace an existing export in ``directory``. Only an export is replaced: a
             non-empty directory without ``shrink_config.json``, or a file, is refused.
         pluginmanager: The manager whose plugins encode; default :func:`get_plugin_manager`.
+        format: ``"hf"``, ``"native"`` or ``"onnx"``; ``None`` picks ``"hf"`` for a transformers
+            model and ``"native"`` for anything else.
+        tokenizer: A transformers tokenizer (anything with ``save_pretrained``) to save with the
+            model; default: ``model.tokenizer`` when the LightningModule has one.
 
     Returns:
         The directory.
@@ -75,11 +100,32 @@ def export(
     Raises:
         FileExistsError: ``directory`` holds something and ``overwrite`` is false, or it holds
             something that is not an export.
+        ValueError: ``format`` is unknown, or ``"hf"``/``"onnx"`` for a model that holds no
+            transformers model, or a layer the format cannot express (the message names it).
+        ImportError: the optional dependencies of the format are missing (the message names the
+            extra to install).
     """
     from safetensors.torch import save_file
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"export: `model` must be a torch.nn.Module, got {type(model).__name__}")
+    if format is not None:
+        check_choice("export", "format", format, FORMATS)
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(
+            f"export: `tokenizer` must be a transformers tokenizer (with save_pretrained), got "
+            f"{type(tokenizer).__name__}"
+        )
+    found = find_transformers_model(model) if format != "native" else None
+    if format is None:
+        format = "hf" if found is not None else "native"
+    if format != "native" and found is None:
+        raise ValueError(
+            f"export: format={format!r} writes transformers models, and {type(model).__name__} holds none; "
+            'use format="native"'
+        )
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _parent_locked(target.parent):
@@ -94,6 +140,18 @@ def export(
                     f"export: refusing to replace {str(target)!r}: it is not a lightning-shrink export (it "
                     f"has no {CONFIG_NAME}); choose another directory or remove it yourself"
                 )
+        if format != "native":
+            assert found is not None
+            with staged_directory(target) as tmp:
+                if format == "hf":
+                    info = write_hf(found[1], tmp, tokenizer)
+                else:
+                    from lightning_shrink.export.onnx import write_onnx
+
+                    info = write_onnx(found[1], tmp, tokenizer)
+                (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+                _sync_tree(tmp)
+            return target
         pm = pluginmanager if pluginmanager is not None else get_plugin_manager()
         metadata: dict[str, Any] = {
             "format": FORMAT,
@@ -126,11 +184,29 @@ def export(
             save_file(out, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             if metadata["architecture"]["kind"] == "transformers":
                 model.config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
             (tmp / CONFIG_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-            for path in tmp.iterdir():
-                _fsync(path)
-            _fsync_dir(tmp)
+            _sync_tree(tmp)
     return target
+
+
+def _sync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    for path in [*[p for p in directory.rglob("*") if p.is_dir()], directory]:
+        _fsync_dir(path)
+
+
+def _declared_format(path: Path) -> Any:
+    """The ``format`` that ``shrink_config.json`` declares (``None`` when unreadable: the native
+    reader reports the problem)."""
+    try:
+        data = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:
@@ -183,6 +259,9 @@ def read_export(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
     """
     path = Path(directory)
     with _imports_guarded(path):
+        declared = _declared_format(path)
+        if declared in (HF_FORMAT, ONNX_FORMAT) and (path / WEIGHTS_NAME).is_file():
+            return _read_tensors(path), json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
         metadata = _read_metadata(path)
         return _read_tensors(path), metadata
 
@@ -268,6 +347,19 @@ def load(
 def _load(
     path: Path, model: nn.Module | None, pluginmanager: ShrinkPluginManager | None, trust_remote_code: bool
 ) -> nn.Module:
+    declared = _declared_format(path)
+    if declared == ONNX_FORMAT:
+        raise ValueError(
+            f"load: {str(path)!r} is an ONNX export; run it with ONNX Runtime, "
+            f"onnxruntime.InferenceSession({str(path / 'model.onnx')!r}), or export the model again with "
+            'format="hf" or "native" for lightning_shrink.load'
+        )
+    if declared == HF_FORMAT:
+        from lightning_shrink.export.hf_load import load_hf
+
+        return load_hf(
+            path, json.loads((path / CONFIG_NAME).read_text(encoding="utf-8")), model, trust_remote_code
+        )
     metadata = _read_metadata(path)
     build = None if model is not None else _builder(path, metadata, trust_remote_code)
     tensors = _read_tensors(path)
