@@ -29,6 +29,7 @@ the int8 layers from ``quantization_config``.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Mapping
@@ -40,7 +41,14 @@ from torch import nn
 
 from lightning_shrink.export.layout import TRANSFORMERS_CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ["ACTIVATION_BITS", "HF_FORMAT", "HF_FORMAT_VERSION", "find_transformers_model", "write_hf"]
+__all__ = [
+    "ACTIVATION_BITS",
+    "HF_FORMAT",
+    "HF_FORMAT_VERSION",
+    "find_transformers_model",
+    "hf_unsupported",
+    "write_hf",
+]
 
 HF_FORMAT = "lightning-shrink-hf"
 HF_FORMAT_VERSION = 1
@@ -82,6 +90,47 @@ def find_transformers_model(model: nn.Module) -> tuple[str, nn.Module] | None:
             'export(module.<name>, directory), or write the whole module with format="native"'
         )
     return found[0] if found else None
+
+
+def hf_unsupported(model: nn.Module) -> str | None:
+    """Why ``model`` (a transformers model) has no Hugging Face-native form, or ``None`` if it has.
+
+    The class must be one of the installed transformers package (``from_pretrained`` resolves it by
+    name); quantized layers must be ``nn.Linear`` (int8 or int4) or ``nn.Embedding`` (int8) in the
+    architecture (transformers' ``Conv1D``, convolutions and int4 tables have no compressed-tensors
+    form that transformers loads).
+    """
+    import transformers
+
+    from lightning_shrink.quantization.int8_layers import Int8Embedding, Int8Linear
+
+    cls = type(model)
+    if getattr(transformers, cls.__name__, None) is not cls:
+        return f"{cls.__module__}.{cls.__qualname__} is not a class of the transformers package"
+    layers = _int8_layers(model)
+    if not layers:
+        return None
+    with torch.device("meta"):
+        fresh = cls(copy.deepcopy(model.config))
+    for name, layer in layers.items():
+        try:
+            original = fresh.get_submodule(name)
+        except AttributeError:
+            return f"the quantized layer {name!r} is not part of a fresh {cls.__name__}"
+        if isinstance(layer, Int8Linear) and type(original) is nn.Linear:
+            continue
+        if isinstance(layer, Int8Embedding) and type(original) is nn.Embedding:
+            if layer.weight_bits != 8:
+                return (
+                    f"the int{layer.weight_bits} embedding {name!r} has no compressed-tensors form that "
+                    "transformers loads (quantized embeddings load only as int-quantized int8)"
+                )
+            continue
+        return (
+            f"the quantized layer {name!r} is a {type(original).__name__} in {cls.__name__}, and "
+            "compressed-tensors stores quantized nn.Linear and nn.Embedding layers only"
+        )
+    return None
 
 
 def _target(name: str) -> str:

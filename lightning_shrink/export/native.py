@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from lightning_shrink.export.atomic import (
     _siblings,
     staged_directory,
 )
-from lightning_shrink.export.hf import HF_FORMAT, find_transformers_model, write_hf
+from lightning_shrink.export.hf import HF_FORMAT, find_transformers_model, hf_unsupported, write_hf
 from lightning_shrink.export.layout import (
     CONFIG_NAME,
     FORMAT,
@@ -90,7 +91,9 @@ def export(
             non-empty directory without ``shrink_config.json``, or a file, is refused.
         pluginmanager: The manager whose plugins encode; default :func:`get_plugin_manager`.
         format: ``"hf"``, ``"native"`` or ``"onnx"``; ``None`` picks ``"hf"`` for a transformers
-            model and ``"native"`` for anything else.
+            model that it can express and ``"native"`` for anything else (with a ``UserWarning``
+            saying why, for a transformers model: a class that is not transformers' own, a
+            quantized ``Conv1D`` or convolution, an int4 embedding table).
         tokenizer: A transformers tokenizer (anything with ``save_pretrained``) to save with the
             model; default: ``model.tokenizer`` when the LightningModule has one.
 
@@ -119,13 +122,26 @@ def export(
             f"{type(tokenizer).__name__}"
         )
     found = find_transformers_model(model) if format != "native" else None
-    if format is None:
-        format = "hf" if found is not None else "native"
     if format != "native" and found is None:
-        raise ValueError(
-            f"export: format={format!r} writes transformers models, and {type(model).__name__} holds none; "
-            'use format="native"'
-        )
+        if format is not None:
+            raise ValueError(
+                f"export: format={format!r} writes transformers models, and {type(model).__name__} holds "
+                'none; use format="native"'
+            )
+        format = "native"
+    if format == "hf" or format is None:
+        assert found is not None
+        reason = hf_unsupported(found[1])
+        if reason is not None and format == "hf":
+            raise ValueError(f'export: format="hf" cannot express this model: {reason}; use format="native"')
+        if reason is not None:
+            warnings.warn(
+                f"export: writing the native lightning-shrink format (read by lightning_shrink.load), not "
+                f"the Hugging Face-native one: {reason}",
+                UserWarning,
+                stacklevel=2,
+            )
+        format = "hf" if reason is None else "native"
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _parent_locked(target.parent):
