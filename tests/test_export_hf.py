@@ -294,3 +294,25 @@ def test_from_pretrained_in_a_process_without_lightning_shrink(tmp_path: Path) -
     for result, want in zip(results, expected, strict=True):
         torch.testing.assert_close(result["logits"], want, atol=1e-4, rtol=1e-4)
     assert results[0]["tokens"] == cases[0][0].tokenizer("a b c")["input_ids"]
+
+
+def test_static_activations_and_tied_heads(tmp_path: Path) -> None:
+    """Static (observed) activation ranges load as compressed-tensors' static per-tensor scheme; a
+    head tied to a quantized embedding is written untied and computes the same."""
+    module = fit(TinyTransformerClassifier(), QuantizationAwareTraining(activations="static"))
+    expected = reference(module.model, INPUTS)
+    directory = export(module, tmp_path / "static")
+    logits = from_pretrained(directory, "AutoModelForSequenceClassification", INPUTS)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+
+    tied = CausalLM()
+    tied.model.config.tie_word_embeddings = True
+    tied.model.lm_head.weight = tied.model.model.embed_tokens.weight
+    fit(tied, QuantizationAwareTraining(), steps=2)
+    expected = reference(tied.model, INPUTS)
+    directory = export(tied, tmp_path / "tied")
+    assert json.loads((directory / "config.json").read_text())["tie_word_embeddings"] is False
+    logits = from_pretrained(directory, "AutoModelForCausalLM", INPUTS)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(load(directory)(**INPUTS).logits, expected, atol=1e-4, rtol=1e-4)

@@ -295,6 +295,11 @@ def load(
 ) -> nn.Module:
     """Read an export back as a ready-to-run model, without the training code.
 
+    Reads native directories and Hugging Face-native ones (``export(..., format="hf")``, the
+    default for transformers models): the latter's compressed-tensors layers become the int8 layers
+    :func:`convert` makes, and the transformers model is returned (not the LightningModule that
+    held it). An ONNX export is refused with a ``ValueError`` (run it with ONNX Runtime).
+
     The architecture is rebuilt from the export unless ``model`` is given; plugins decode the
     tensors (``shrink_load``) and restore their compressed layers (``shrink_load_model``, e.g.
     int8 layers); then the tensors are loaded with ``strict=True`` (a float tensor may differ in
