@@ -102,6 +102,13 @@ GOALS: tuple[Goal, ...] = (
         6.0,
     ),
     Goal(
+        "onnx",
+        "ONNX Runtime batch-1 latency, our QAT export / quantize_dynamic (PTQ) of FP32",
+        (("latency_ratio_qat_export_over_ptq",),),
+        "<=",
+        1.0,
+    ),
+    Goal(
         "distillation",
         "distillation step overhead minus teacher forward (fraction of a plain step)",
         (("overhead_minus_teacher_forward",),),

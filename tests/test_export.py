@@ -47,7 +47,7 @@ def logits(model: nn.Module) -> torch.Tensor:
 def test_export_load_round_trip_of_a_transformers_model(make, tmp_path):
     model = trained(make)
     converted = ls.convert(model)
-    out = ls.export(converted, tmp_path / "int8")
+    out = ls.export(converted, tmp_path / "int8", format="native")
     assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", CONFIG_NAME, WEIGHTS_NAME])
     loaded = ls.load(out)
     assert type(loaded) is type(model) and not loaded.training
@@ -55,7 +55,7 @@ def test_export_load_round_trip_of_a_transformers_model(make, tmp_path):
     assert sum(is_converted(m) for m in loaded.modules()) == sum(is_converted(m) for m in converted.modules())
 
     # Exporting the trained (fake-quantized, unconverted) model writes the same int8 model.
-    loaded2 = ls.load(ls.export(model, tmp_path / "prepared"))
+    loaded2 = ls.load(ls.export(model, tmp_path / "prepared", format="native"))
     assert torch.equal(logits(loaded2), logits(converted))
 
     tensors, metadata = read_export(out)
@@ -80,7 +80,7 @@ def test_load_without_training_code_in_a_fresh_process(tmp_path):
     import sys
 
     model = trained()
-    out = ls.export(model, tmp_path / "m")
+    out = ls.export(model, tmp_path / "m", format="native")
     torch.save(logits(ls.convert(model)), tmp_path / "expected.pt")
     code = (
         "import sys, torch, lightning_shrink as ls\n"
@@ -141,7 +141,7 @@ def test_tied_weights_are_written_once_and_retied(tmp_path):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)
     assert model.lm_head.weight is model.transformer.wte.weight
-    out = ls.export(model, tmp_path / "fp32")
+    out = ls.export(model, tmp_path / "fp32", format="native")
     _, metadata = read_export(out)
     assert metadata["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
     loaded = ls.load(out)
@@ -153,7 +153,7 @@ def test_tied_weights_are_written_once_and_retied(tmp_path):
     # Quantized: the embedding becomes int8 and the tied head computes with the same int8 table,
     # written once (tests/test_quantization_export.py covers Llama, Qwen2 and GPT-2).
     prepare_qat(model)
-    loaded = ls.load(ls.export(model, tmp_path / "int8"))
+    loaded = ls.load(ls.export(model, tmp_path / "int8", format="native"))
     assert isinstance(loaded.transformer.wte, Int8Embedding) and isinstance(loaded.lm_head, Int8Linear)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
 
@@ -221,9 +221,12 @@ def test_pruned_int8_export_is_sparse_encoded_and_loads(tmp_path):
     cpu_trainer(max_steps=3, callbacks=callbacks).fit(module, token_dataloader())
     model = module.model.eval()
     dense = ls.export(
-        model, tmp_path / "dense", pluginmanager=ls.get_plugin_manager(block_plugins=["pruning-export"])
+        model,
+        tmp_path / "dense",
+        pluginmanager=ls.get_plugin_manager(block_plugins=["pruning-export"]),
+        format="native",
     )
-    sparse = ls.export(model, tmp_path / "sparse")
+    sparse = ls.export(model, tmp_path / "sparse", format="native")
     assert (sparse / WEIGHTS_NAME).stat().st_size < (dense / WEIGHTS_NAME).stat().st_size
     _, metadata = read_export(sparse)
     assert "quantization" in metadata and "pruning" in json.dumps(metadata)

@@ -183,7 +183,12 @@ def test_qat_with_lora_converts_exports_and_loads_in_both_forms(
 
     converted = ls.convert(model)
     torch.testing.assert_close(logits(converted, BATCH), expected, rtol=1e-5, atol=1e-5)
-    directory = ls.export(model, tmp_path / "export")
+    if adapters == "merged":
+        # merged, the model is a plain transformers model: the default export is Hugging Face-native
+        hf = ls.export(model, tmp_path / "hf")
+        assert json.loads((hf / "config.json").read_text())["quantization_config"]
+        torch.testing.assert_close(logits(ls.load(hf), BATCH), expected, rtol=1e-5, atol=1e-5)
+    directory = ls.export(model, tmp_path / "export", format="native")
     metadata = json.loads((directory / "shrink_config.json").read_text())
     loaded = ls.load(directory)
     torch.testing.assert_close(logits(loaded, BATCH), expected, rtol=1e-5, atol=1e-5)

@@ -192,7 +192,7 @@ def test_tied_embeddings_are_written_once_and_stay_tied(family, embedding_bits, 
 
     # Written once (prepared or converted), tied again after load.
     for name, model in (("prepared", tied), ("converted", converted)):
-        out = ls.export(model, tmp_path / name)
+        out = ls.export(model, tmp_path / name, format="native")
         _, metadata = read_export(out)
         assert metadata["aliases"] == {
             "lm_head.weight": f"{table_name}.weight",
@@ -210,7 +210,7 @@ def test_tied_embeddings_are_written_once_and_stay_tied(family, embedding_bits, 
     untied = causal_lm(family, tie=False)
     assert untied.lm_head.weight is not untied.get_submodule(table_name).weight
     prepare_qat(untied, config)
-    untied_dir = ls.export(ls.convert(untied), tmp_path / "untied")
+    untied_dir = ls.export(ls.convert(untied), tmp_path / "untied", format="native")
     assert export_bytes(tmp_path / "converted") < export_bytes(untied_dir)
     assert export_bytes(untied_dir) - export_bytes(tmp_path / "converted") >= 256 * 32 * embedding_bits // 8
 

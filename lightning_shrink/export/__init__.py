@@ -6,7 +6,11 @@ reads it back without the training code. All three go through the plugin hooks
 ``shrink_convert``, ``shrink_export``, ``shrink_load`` and ``shrink_load_model``, so third-party
 plugins can add their own encodings.
 
-An export directory holds:
+:func:`export` writes transformers models in the Hugging Face-native format by default
+(:mod:`~lightning_shrink.export.hf`: compressed-tensors, read by ``from_pretrained`` without
+lightning-shrink), ONNX on request (:mod:`~lightning_shrink.export.onnx`), and everything else in
+the native format; :func:`load` reads the Hugging Face-native and the native directories
+(:mod:`~lightning_shrink.export.hf_load`). A native export directory holds:
 
 ``model.safetensors``
     The encoded tensors (int8 weights and their scales, sparse encodings, float tensors).

@@ -90,7 +90,7 @@ def _sanitize_transformers_config(value: Any, path: str, where: Path) -> Any:
 
 
 def _transformers_builder(
-    directory: Path, arch: Mapping[str, Any], trust_remote_code: bool
+    directory: Path, arch: Mapping[str, Any], trust_remote_code: bool, drop: tuple[str, ...] = ()
 ) -> Callable[[], nn.Module]:
     import transformers
 
@@ -129,6 +129,8 @@ def _transformers_builder(
     if not isinstance(raw, dict):
         raise ValueError(f"load: {str(config_path)!r} does not hold a JSON object")
     data = _sanitize_transformers_config(raw, "", config_path)
+    for key in drop:  # top-level keys the caller handles itself (a quantization_config)
+        data.pop(key, None)
     config_cls = getattr(cls, "config_class", None)
     model_type = data.get("model_type")
     expected = getattr(config_cls, "model_type", "") if isinstance(config_cls, type) else ""

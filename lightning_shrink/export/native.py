@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 from lightning_shrink.adapters.export import SECTION as PEFT_SECTION
 from lightning_shrink.adapters.export import merge_adapters as merge_lora
 from lightning_shrink.adapters.export import peft_builder, peft_section, resolve_merge, restore_lora
+from lightning_shrink.config import check_choice
 from lightning_shrink.export.architecture import _architecture, _builder
 from lightning_shrink.export.atomic import (
     _clean_stale,
@@ -25,10 +27,13 @@ from lightning_shrink.export.atomic import (
     _siblings,
     staged_directory,
 )
+from lightning_shrink.export.hf import HF_FORMAT, find_transformers_model, hf_unsupported, write_hf
 from lightning_shrink.export.layout import (
     CONFIG_NAME,
     FORMAT,
     FORMAT_VERSION,
+    FORMATS,
+    ONNX_FORMAT,
     WEIGHTS_NAME,
 )
 from lightning_shrink.export.safe_import import _imports_guarded, _RefusedImport
@@ -42,11 +47,28 @@ def export(
     overwrite: bool = False,
     pluginmanager: ShrinkPluginManager | None = None,
     merge_adapters: bool | None = None,
+    *,
+    format: str | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write ``model`` in its compressed form to ``directory``.
 
-    Plugins encode the tensors (``shrink_export``): quantization writes prepared or converted
-    layers as int8 weights plus scales; pruning writes sparse tensors where that is smaller.
+    Three formats (``format``):
+
+    ``"hf"`` (the default for transformers models, bare or inside a LightningModule)
+        A Hugging Face directory that ``transformers.AutoModelFor<Task>.from_pretrained`` loads
+        with ``compressed-tensors`` installed, lightning-shrink not needed: quantized layers are
+        stored quantized in the compressed-tensors layout (see :mod:`lightning_shrink.export.hf`).
+    ``"native"`` (the default for other modules)
+        Plugins encode the tensors (``shrink_export``): quantization writes prepared or converted
+        layers as int8 weights plus scales; pruning writes sparse tensors where that is smaller.
+    ``"onnx"``
+        ``model.onnx`` for ONNX Runtime on CPU, with integer matrix products that use the learned
+        weight scales, plus ``config.json`` (see :mod:`lightning_shrink.export.onnx`).
+
+    :func:`load` reads ``"hf"`` and ``"native"`` directories. The tokenizer (``tokenizer=``, or the
+    LightningModule's ``tokenizer`` attribute) is saved into the directory with its
+    ``save_pretrained``, and a generative model's generation config with it.
 
     The export is written into a temporary sibling, ``.<name>.XXXXXXXX.tmp`` (weights, then
     ``config.json``, then ``shrink_config.json``, each synced to disk), and moved into place once
@@ -74,10 +96,17 @@ def export(
             non-empty directory without ``shrink_config.json``, or a file, is refused.
         pluginmanager: The manager whose plugins encode; default :func:`get_plugin_manager`.
         merge_adapters: For a model with peft LoRA adapters: write the merged model (``True``: a copy
-            with the adapters folded into the base weights, loaded as the plain base architecture) or
-            the compressed base weights plus the float adapters (``False``; a ``PeftModel`` records its
-            ``LoraConfig`` fields and :func:`load` rebuilds it with ``peft.get_peft_model``). ``None``
+            with the adapters folded into the base weights, written like the plain base architecture,
+            in any format) or the compressed base weights plus the float adapters (``False``; native
+            format only: a ``PeftModel`` records its ``LoraConfig`` fields and :func:`load` rebuilds it
+            with ``peft.get_peft_model``). ``None``
             follows ``QuantizationAwareTraining(adapters=...)`` (``"merged"`` merges). See docs/peft.md.
+        format: ``"hf"``, ``"native"`` or ``"onnx"``; ``None`` picks ``"hf"`` for a transformers
+            model that it can express and ``"native"`` for anything else (with a ``UserWarning``
+            saying why, for a transformers model: a class that is not transformers' own, a
+            quantized ``Conv1D`` or convolution, an int4 embedding table).
+        tokenizer: A transformers tokenizer (anything with ``save_pretrained``) to save with the
+            model; default: ``model.tokenizer`` when the LightningModule has one.
 
     Returns:
         The directory.
@@ -85,11 +114,59 @@ def export(
     Raises:
         FileExistsError: ``directory`` holds something and ``overwrite`` is false, or it holds
             something that is not an export.
+        ValueError: ``format`` is unknown, or ``"hf"``/``"onnx"`` for a model that holds no
+            transformers model, or a layer the format cannot express (the message names it).
+        ImportError: the optional dependencies of the format are missing (the message names the
+            extra to install).
     """
     from safetensors.torch import save_file
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"export: `model` must be a torch.nn.Module, got {type(model).__name__}")
+    if format is not None:
+        check_choice("export", "format", format, FORMATS)
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(
+            f"export: `tokenizer` must be a transformers tokenizer (with save_pretrained), got "
+            f"{type(tokenizer).__name__}"
+        )
+    # LoRA adapters are merged (a copy) before the format is chosen: a merged model is a plain
+    # transformers model; base layers with float adapters are written in the native format only.
+    lora: dict[str, Any] | None = None
+    merge = resolve_merge(model, merge_adapters, "export")
+    if merge:
+        model = merge_lora(copy.deepcopy(model))
+    elif merge is False:
+        if format in ("hf", "onnx"):
+            raise ValueError(
+                f"export: format={format!r} cannot hold float LoRA adapters over compressed base layers "
+                '(merge_adapters=False); pass merge_adapters=True or format="native"'
+            )
+        format = "native"
+        lora = peft_section(model)
+    found = find_transformers_model(model) if format != "native" else None
+    if format != "native" and found is None:
+        if format is not None:
+            raise ValueError(
+                f"export: format={format!r} writes transformers models, and {type(model).__name__} holds "
+                'none; use format="native"'
+            )
+        format = "native"
+    if format == "hf" or format is None:
+        assert found is not None
+        reason = hf_unsupported(found[1])
+        if reason is not None and format == "hf":
+            raise ValueError(f'export: format="hf" cannot express this model: {reason}; use format="native"')
+        if reason is not None:
+            warnings.warn(
+                f"export: writing the native lightning-shrink format (read by lightning_shrink.load), not "
+                f"the Hugging Face-native one: {reason}",
+                UserWarning,
+                stacklevel=2,
+            )
+        format = "hf" if reason is None else "native"
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _parent_locked(target.parent):
@@ -104,13 +181,19 @@ def export(
                     f"export: refusing to replace {str(target)!r}: it is not a lightning-shrink export (it "
                     f"has no {CONFIG_NAME}); choose another directory or remove it yourself"
                 )
+        if format != "native":
+            assert found is not None
+            with staged_directory(target) as tmp:
+                if format == "hf":
+                    info = write_hf(found[1], tmp, tokenizer)
+                else:
+                    from lightning_shrink.export.onnx import write_onnx
+
+                    info = write_onnx(found[1], tmp, tokenizer)
+                (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+                _sync_tree(tmp)
+            return target
         pm = pluginmanager if pluginmanager is not None else get_plugin_manager()
-        lora: dict[str, Any] | None = None
-        merge = resolve_merge(model, merge_adapters, "export")
-        if merge:
-            model = merge_lora(copy.deepcopy(model))
-        elif merge is False:
-            lora = peft_section(model)
         built = model.get_base_model() if lora is not None and "lora_config" in lora else model
         metadata: dict[str, Any] = {
             "format": FORMAT,
@@ -145,11 +228,29 @@ def export(
             save_file(out, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             if metadata["architecture"]["kind"] == "transformers":
                 built.config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
             (tmp / CONFIG_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-            for path in tmp.iterdir():
-                _fsync(path)
-            _fsync_dir(tmp)
+            _sync_tree(tmp)
     return target
+
+
+def _sync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    for path in [*[p for p in directory.rglob("*") if p.is_dir()], directory]:
+        _fsync_dir(path)
+
+
+def _declared_format(path: Path) -> Any:
+    """The ``format`` that ``shrink_config.json`` declares (``None`` when unreadable: the native
+    reader reports the problem)."""
+    try:
+        data = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:
@@ -202,6 +303,9 @@ def read_export(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
     """
     path = Path(directory)
     with _imports_guarded(path):
+        declared = _declared_format(path)
+        if declared in (HF_FORMAT, ONNX_FORMAT) and (path / WEIGHTS_NAME).is_file():
+            return _read_tensors(path), json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
         metadata = _read_metadata(path)
         return _read_tensors(path), metadata
 
@@ -218,6 +322,11 @@ def load(
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """Read an export back as a ready-to-run model, without the training code.
+
+    Reads native directories and Hugging Face-native ones (``export(..., format="hf")``, the
+    default for transformers models): the latter's compressed-tensors layers become the int8 layers
+    :func:`convert` makes, and the transformers model is returned (not the LightningModule that
+    held it). An ONNX export is refused with a ``ValueError`` (run it with ONNX Runtime).
 
     The architecture is rebuilt from the export unless ``model`` is given; plugins decode the
     tensors (``shrink_load``) and restore their compressed layers (``shrink_load_model``, e.g.
@@ -287,6 +396,19 @@ def load(
 def _load(
     path: Path, model: nn.Module | None, pluginmanager: ShrinkPluginManager | None, trust_remote_code: bool
 ) -> nn.Module:
+    declared = _declared_format(path)
+    if declared == ONNX_FORMAT:
+        raise ValueError(
+            f"load: {str(path)!r} is an ONNX export; run it with ONNX Runtime, "
+            f"onnxruntime.InferenceSession({str(path / 'model.onnx')!r}), or export the model again with "
+            'format="hf" or "native" for lightning_shrink.load'
+        )
+    if declared == HF_FORMAT:
+        from lightning_shrink.export.hf_load import load_hf
+
+        return load_hf(
+            path, json.loads((path / CONFIG_NAME).read_text(encoding="utf-8")), model, trust_remote_code
+        )
     metadata = _read_metadata(path)
     build = None if model is not None else _builder(path, metadata, trust_remote_code)
     section = metadata.get(PEFT_SECTION)
