@@ -271,11 +271,16 @@ def one_size(size: str, reps: int, with_fsdp2: bool) -> dict[str, Any]:
     torch.set_num_threads(2)
     params = sum(p.numel() for p in llama(size).parameters())
     result: dict[str, Any] = {"parameters": params}
-    result["selection"] = selection(size, reps)
-    result["masks_bf16"] = masks(size, torch.bfloat16)
-    result["qat"] = qat(size)
+    parts = {
+        "selection": lambda: selection(size, reps),
+        "masks_bf16": lambda: masks(size, torch.bfloat16),
+        "qat": lambda: qat(size),
+    }
     if with_fsdp2:
-        result["fsdp2_devices2"] = fsdp2(size, ROOT / "results" / "extra" / f"memory_{size}")
+        parts["fsdp2_devices2"] = lambda: fsdp2(size, ROOT / "results" / "extra" / f"memory_{size}")
+    for name, part in parts.items():
+        result[name] = part()
+        print(f"[bench_memory] {size} {name}: {json.dumps(result[name])}", file=sys.stderr, flush=True)
     return result
 
 

@@ -210,6 +210,51 @@ GOALS: tuple[Goal, ...] = (
             ),
         )
     ),
+    Goal(
+        "memory",
+        "global mask update, previous selection time / radix selection time (largest size run)",
+        tuple(("sizes", size, "selection", "speedup") for size in ("400M", "100M", "20M")),
+        ">=",
+        3.0,
+    ),
+    Goal(
+        "memory",
+        "pruning: transient bytes per local weight at a mask update (new masks included)",
+        tuple(
+            ("sizes", size, "selection", "radix", "transient_bytes_per_weight")
+            for size in ("400M", "100M", "20M")
+        ),
+        "<=",
+        1.0,
+        unit=" B",
+    ),
+    Goal(
+        "memory",
+        "pruning: persistent bytes per pruned weight (bf16 weights)",
+        tuple(("sizes", size, "masks_bf16", "bytes_per_pruned_weight") for size in ("400M", "100M", "20M")),
+        "<=",
+        1.25,
+        unit=" B",
+    ),
+    Goal(
+        "memory",
+        "QAT int8: bytes kept for backward per quantized weight beyond plain fine-tuning",
+        tuple(
+            ("sizes", size, "qat", "int8_recomputed_extra_bytes_per_weight")
+            for size in ("400M", "100M", "20M")
+        ),
+        "<=",
+        0.5,
+        unit=" B",
+    ),
+    Goal(
+        "memory",
+        "distillation under FSDP2 (2 ranks): per-rank share of the teacher",
+        (("sizes", "20M", "fsdp2_devices2", "distillation", "teacher_share_of_full"),),
+        "<=",
+        0.55,
+        unit="",
+    ),
 )
 
 
