@@ -147,9 +147,8 @@ def _shrunk_layer(model: nn.Module, fresh: nn.Module) -> str | None:
         if hasattr(m, "in_features") or hasattr(m, "nf")
     }
     for name, m in model.named_modules():
-        if name in sizes and hasattr(m, "in_features"):
-            if (getattr(m, "in_features", None), getattr(m, "out_features", None)) != sizes[name]:
-                return name
+        if name in sizes and hasattr(m, "in_features") and (m.in_features, m.out_features) != sizes[name]:
+            return name
     fresh_shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
     for key, value in model.state_dict().items():
         if key in fresh_shapes and key.endswith("bias") and tuple(value.shape) != fresh_shapes[key]:
