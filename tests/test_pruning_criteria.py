@@ -269,9 +269,19 @@ def test_score_lr_sets_the_scores_group_lr_and_weight_decay_is_zero():
 
 
 @pytest.mark.slow
-def test_ddp_learned_criteria_give_identical_scores_and_masks_on_every_rank(tmp_path):
+def test_ddp_learned_criteria_and_structured_patterns_give_identical_masks_on_every_rank(tmp_path):
     script = Path(__file__).parent / "scripts" / "pruning_criteria_ddp.py"
-    run_multiprocess_script(script, tmp_path, "movement", "taylor", cwd=tmp_path)
+    run_multiprocess_script(script, tmp_path, "movement", "taylor", "structured", cwd=tmp_path)
+    # Heads and neurons: rank 1 rescales its weights so that its own magnitudes rank the groups the
+    # other way; both ranks still hold rank 0's masks, of whole heads.
+    s0, s1 = (torch.load(tmp_path / f"structured-rank{r}.pt", weights_only=False) for r in range(2))
+    assert s0["global_step"] == s1["global_step"] == 6
+    assert s0["sparsity"] == s1["sparsity"] == pytest.approx([0.5, 0.5])
+    assert set(s0["masks"]) == set(s1["masks"])
+    for name, mask in s0["masks"].items():
+        assert torch.equal(mask, s1["masks"][name]), name
+    query = s0["masks"]["model.bert.encoder.layer.0.attention.self.query.weight"]
+    assert int((~query).all(1).sum()) in (0, 8, 16, 24)  # whole 8-row heads
     for criterion, key in (("movement", "scores"), ("taylor", "importance")):
         r0, r1 = (torch.load(tmp_path / f"{criterion}-rank{r}.pt", weights_only=False) for r in range(2))
         assert (

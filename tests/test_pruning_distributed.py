@@ -23,8 +23,16 @@ def _ranks(tmp_path: Path, prefix: str) -> list[dict]:
     return [torch.load(tmp_path / f"{prefix}rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def test_ddp_ranks_compute_identical_masks_on_a_model_built_in_configure_model(tmp_path):
-    run_multiprocess_script(SCRIPTS / "pruning_ddp.py", tmp_path, "one", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> Path:
+    """One launch of pruning_ddp.py for both DDP tests below (their fits run one after the other)."""
+    out = tmp_path_factory.mktemp("pruning-ddp")
+    run_multiprocess_script(SCRIPTS / "pruning_ddp.py", out, "one", "two", cwd=out)
+    return out
+
+
+def test_ddp_ranks_compute_identical_masks_on_a_model_built_in_configure_model(ddp_runs):
+    tmp_path = ddp_runs
     r0, r1 = _ranks(tmp_path, "one-")
     assert r0["global_step"] == r1["global_step"] == 8
     assert r0["updates"] == r1["updates"] == 4  # steps 0, 2, 4, 6
@@ -38,8 +46,8 @@ def test_ddp_ranks_compute_identical_masks_on_a_model_built_in_configure_model(t
         assert not r0["weights"][name][~mask].any()
 
 
-def test_ddp_two_pruning_callbacks_reach_their_targets_and_resume_bit_exactly(tmp_path):
-    run_multiprocess_script(SCRIPTS / "pruning_ddp.py", tmp_path, "two", cwd=tmp_path)
+def test_ddp_two_pruning_callbacks_reach_their_targets_and_resume_bit_exactly(ddp_runs):
+    tmp_path = ddp_runs
     ckpt = tmp_path / "ckpt" / "epoch=0.ckpt"  # step 3, where the second run resumed: the MLP is halfway
     state = torch.load(ckpt, weights_only=False)["lightning_shrink"]
     assert state["pruning"]["last_update_step"] == 3 and state["pruning-2"]["last_update_step"] == 2

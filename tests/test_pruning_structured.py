@@ -285,22 +285,8 @@ def test_a_model_without_pruned_groups_has_nothing_to_convert():
             convert(bert4())
 
 
-@pytest.mark.slow
-def test_ddp_ranks_hold_identical_structured_masks(tmp_path):
-    from pathlib import Path
-
-    from lightning_shrink.testing.distributed import run_multiprocess_script
-
-    script = Path(__file__).parent / "scripts" / "pruning_structured_ddp.py"
-    run_multiprocess_script(script, tmp_path, cwd=tmp_path)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
-    assert r0["global_step"] == r1["global_step"] == 6
-    assert r0["sparsity"] == r1["sparsity"] == pytest.approx([0.5, 0.5])
-    assert set(r0["masks"]) == set(r1["masks"])
-    for name, mask in r0["masks"].items():
-        assert torch.equal(mask, r1["masks"][name]), name
-    query = r0["masks"]["model.bert.encoder.layer.0.attention.self.query.weight"]
-    assert int((~query).all(1).sum()) in (0, 8, 16, 24)  # whole 8-row heads
+# The DDP test of identical structured masks runs in the launch of tests/test_pruning_criteria.py's
+# DDP test (tests/scripts/pruning_structured_ddp.py).
 
 
 @pytest.mark.parametrize("criterion", ["movement", "taylor"])

@@ -1,11 +1,13 @@
 """Run by tests/test_pruning_criteria.py in a subprocess: real 2-process CPU fits under DDP with the
 learned criteria.
 
-``python pruning_criteria_ddp.py OUT``: ``movement`` and then ``taylor`` on a classifier built in
-``configure_model``, with a different seed and different data on each rank and gradients accumulated
-over two micro-batches. Every rank records, at each ``on_after_backward``, whether the micro-batch was
-the last of its optimizer step and the pruned weights' gradients, and at fit end its masks, the
-criterion's state and the weights. Each rank writes ``OUT/<criterion>-rank<k>.pt``.
+``python pruning_criteria_ddp.py OUT [movement] [taylor] [structured]``: ``movement`` and
+``taylor`` on a classifier built in ``configure_model``, with a different seed and different data on
+each rank and gradients accumulated over two micro-batches. Every rank records, at each
+``on_after_backward``, whether the micro-batch was the last of its optimizer step and the pruned
+weights' gradients, and at fit end its masks, the criterion's state and the weights. Each rank writes
+``OUT/<criterion>-rank<k>.pt``. ``structured`` runs the fit of pruning_structured_ddp.py
+(``OUT/structured-rank<k>.pt``).
 """
 
 from __future__ import annotations
@@ -64,4 +66,9 @@ def run(out: Path, criterion: str) -> None:
 if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
     for name in sys.argv[2:]:
-        run(out_dir, name)
+        if name == "structured":  # one launch for both tests' fits: process start-up is most of the cost
+            from pruning_structured_ddp import main
+
+            main(out_dir)
+        else:
+            run(out_dir, name)

@@ -92,9 +92,10 @@ def two(out: Path, ckpt: str | None) -> None:
 
 
 if __name__ == "__main__":
-    out_dir, mode = Path(sys.argv[1]), sys.argv[2]
-    if mode == "one":
-        one(out_dir)
-    else:
-        two(out_dir, None)
-        two(out_dir, str(out_dir / "ckpt" / "epoch=0.ckpt"))
+    out_dir = Path(sys.argv[1])
+    for mode in sys.argv[2:]:  # several modes in one launch: process start-up is most of the cost
+        if mode == "one":
+            one(out_dir)
+        else:
+            two(out_dir, None)
+            two(out_dir, str(out_dir / "ckpt" / "epoch=0.ckpt"))

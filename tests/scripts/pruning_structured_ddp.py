@@ -4,7 +4,8 @@ head and neuron pruning of a tiny BERT.
 Before the first batch, rank 1 rescales its copy of the weights so that its own magnitudes would rank
 the heads and neurons in the opposite order: the masks must still be rank 0's on both ranks.
 
-``python pruning_structured_ddp.py OUT``: each rank writes what it saw to ``OUT/rank<k>.pt``.
+``python pruning_structured_ddp.py OUT``: each rank writes what it saw to ``OUT/structured-rank<k>.pt``.
+Also run from pruning_criteria_ddp.py (``structured``), in the same launch as the criteria's fits.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def main(out: Path) -> None:
             "sparsity": [heads.sparsity, neurons.sparsity],
             "global_step": trainer.global_step,
         },
-        out / f"rank{trainer.global_rank}.pt",
+        out / f"structured-rank{trainer.global_rank}.pt",
     )
 
 
