@@ -267,6 +267,14 @@ def fsdp2(size: str, tmp: Path) -> dict[str, Any]:
     return out
 
 
+def _in_tempdir(size: str) -> dict[str, Any]:
+    """:func:`fsdp2` with its generated scripts and per-rank results in a temporary directory."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=f"bench-memory-{size}-") as tmp:
+        return fsdp2(size, Path(tmp))
+
+
 def one_size(size: str, reps: int, with_fsdp2: bool) -> dict[str, Any]:
     torch.set_num_threads(2)
     params = sum(p.numel() for p in llama(size).parameters())
@@ -277,7 +285,7 @@ def one_size(size: str, reps: int, with_fsdp2: bool) -> dict[str, Any]:
         "qat": lambda: qat(size),
     }
     if with_fsdp2:
-        parts["fsdp2_devices2"] = lambda: fsdp2(size, ROOT / "results" / "extra" / f"memory_{size}")
+        parts["fsdp2_devices2"] = lambda: _in_tempdir(size)
     for name, part in parts.items():
         result[name] = part()
         print(f"[bench_memory] {size} {name}: {json.dumps(result[name])}", file=sys.stderr, flush=True)
