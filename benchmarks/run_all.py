@@ -168,6 +168,38 @@ GOALS: tuple[Goal, ...] = (
         ">=",
         2.1,
     ),
+    *(
+        Goal(
+            "accuracy_5epochs",
+            f"80% sparsity + distillation at 5 epochs ({criterion}), accuracy vs dense (points)",
+            (("points_vs_dense", variant),),
+            ">=",
+            -1.5,
+            unit=" points",
+        )
+        for criterion, variant in (("magnitude", "sparse80_kd"), ("movement", "sparse80_kd_movement"))
+    ),
+    *(
+        goal
+        for variant in ("heads50_neurons50_int8_kd", "heads50_neurons75_int8_kd")
+        for goal in (
+            Goal(
+                "accuracy_structured",
+                f"structured {variant} (converted), accuracy vs dense (points)",
+                (("points_vs_dense", variant),),
+                ">=",
+                -1.5,
+                unit=" points",
+            ),
+            Goal(
+                "accuracy_structured",
+                f"structured {variant} (converted), batch-1 CPU speed-up over FP32",
+                (("speedup_vs_fp32", variant),),
+                ">=",
+                3.0,
+            ),
+        )
+    ),
     Goal(
         "serving",
         "lightning-shrink serve: int8 export's throughput / dense export's (8 clients, localhost)",

@@ -145,3 +145,39 @@ def test_demo_dataset_flag_runs_the_named_data_set_and_says_which_recipe(tmp_pat
         assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert set(DATASETS) == {"rotten_tomatoes", "tweet_sentiment"}
+
+
+def test_structured_recipe_removes_heads_and_neurons_and_refuses_a_sparsity(tmp_path, capsys):
+    recipe = get_recipe("heads50-neurons50-int8-kd")
+    assert recipe.techniques == ("pruning", "quantization", "distillation") and recipe.sparsity is None
+    heads, neurons, _, _ = compression_callbacks(recipe, teacher=nn.Linear(2, 2))
+    assert (str(heads.config.pattern), heads.config.target_sparsity, heads.name) == (
+        "heads",
+        0.5,
+        "pruning-heads",
+    )
+    assert (str(neurons.config.pattern), neurons.name) == ("neurons", "pruning-neurons")
+    with pytest.raises(
+        ValueError, match="--sparsity: recipe 'heads50-neurons50-int8-kd' removes whole heads"
+    ):
+        DemoConfig(recipe="heads50-neurons50-int8-kd", sparsity=0.6).compression_recipe()
+    with pytest.raises(
+        ValueError, match=r"`structured` takes the patterns \['heads', 'neurons'\], got 'rows'"
+    ):
+        Recipe("rows", "rows", structured={"rows": 0.5})
+
+    out = tmp_path / "demo"
+    results = run_demo(
+        out, preset="smoke", recipe="heads50-neurons50-int8-kd", progress=False, student_steps=4
+    )
+    printed = capsys.readouterr().out
+    assert "converting to the inference form (real int8 layers, pruned heads and neurons removed)" in printed
+    from lightning_shrink import load
+
+    model = load(out / "model")
+    config = model.config
+    layer = model.bert.encoder.layer[0]
+    # Half of the heads and half of the FFN neurons are gone from the exported int8 layers.
+    assert layer.attention.self.query.out_features == config.hidden_size // 2
+    assert layer.intermediate.dense.out_features == config.intermediate_size // 2
+    assert results["accuracy"]["compressed_reloaded"] == results["accuracy"]["compressed"]

@@ -26,6 +26,8 @@ __all__ = ["DEFAULT_RECIPE", "RECIPES", "Recipe", "compression_callbacks", "get_
 #: global threshold removes MiniLM's pooler entirely: its weights are the smallest, since the
 #: sentence-transformers checkpoint never trained it, and the classifier then sees a constant).
 PRUNING_DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(start_step=0.05, end_step=0.7, scope="layer"))
+#: The patterns a recipe's ``structured`` fractions name (whole units that ``convert`` removes).
+STRUCTURED_PATTERNS = ("heads", "neurons")
 #: Quantization arguments every recipe shares unless it sets them: int8 Linear layers with dynamic
 #: per-token activations (what the converted model computes with), int4 embedding tables in groups
 #: of 64 (the 30,522 x 384 word-embedding table is half of MiniLM's weights; as int8 it alone keeps
@@ -49,6 +51,10 @@ class Recipe:
         pruning: Keyword arguments of ``GradualMagnitudePruning`` over :data:`PRUNING_DEFAULTS`
             (``target_sparsity`` at least), or ``None`` for no pruning. ``frequency`` comes from
             the run's configuration (it depends on the budget).
+        structured: Fractions of whole units to remove, by pattern: ``{"heads": 0.5, "neurons": 0.5}``
+            prunes half of every layer's attention heads and half of its FFN neurons (one
+            ``GradualMagnitudePruning(pattern=...)`` each, over :data:`PRUNING_DEFAULTS`), which
+            ``convert`` then removes; ``None`` for none. Combines with ``pruning``.
         quantization: Keyword arguments of ``QuantizationAwareTraining`` over
             :data:`QUANTIZATION_DEFAULTS`, or ``None`` for no quantization.
         distillation: Distil from the dense teacher (``KnowledgeDistillation``).
@@ -61,18 +67,26 @@ class Recipe:
     quantization: Mapping[str, Any] | None = None
     distillation: bool = True
     why: str = ""
+    structured: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.pruning is not None and "target_sparsity" not in self.pruning:
             raise ValueError(f"Recipe {self.name!r}: `pruning` must set `target_sparsity`")
+        for kind in self.structured or {}:
+            if kind not in STRUCTURED_PATTERNS:
+                raise ValueError(
+                    f"Recipe {self.name!r}: `structured` takes the patterns {list(STRUCTURED_PATTERNS)}, "
+                    f"got {kind!r}"
+                )
         object.__setattr__(self, "pruning", _frozen(self.pruning))
         object.__setattr__(self, "quantization", _frozen(self.quantization))
+        object.__setattr__(self, "structured", _frozen(self.structured) if self.structured else None)
 
     @property
     def techniques(self) -> tuple[str, ...]:
         """The techniques used, in the order pruning, quantization, distillation."""
         used = (
-            ("pruning", self.pruning is not None),
+            ("pruning", self.pruning is not None or self.structured is not None),
             ("quantization", self.quantization is not None),
             ("distillation", self.distillation),
         )
@@ -88,6 +102,20 @@ class Recipe:
         if self.pruning is None:
             raise ValueError(f"Recipe {self.name!r} does not prune")
         return {**PRUNING_DEFAULTS, "frequency": frequency, **self.pruning}
+
+    def structured_arguments(self, frequency: float | int) -> list[dict[str, Any]]:
+        """The keyword arguments of one ``GradualMagnitudePruning`` per structured pattern (named
+        ``pruning-heads`` / ``pruning-neurons``)."""
+        return [
+            {
+                **PRUNING_DEFAULTS,
+                "frequency": frequency,
+                "target_sparsity": fraction,
+                "pattern": kind,
+                "name": f"pruning-{kind}",
+            }
+            for kind, fraction in (self.structured or {}).items()
+        ]
 
     def quantization_arguments(self) -> dict[str, Any]:
         """The keyword arguments of ``QuantizationAwareTraining`` (defaults, then the recipe's)."""
@@ -108,13 +136,14 @@ class Recipe:
         applied (a technique the recipe lacks is added with the defaults; ``sparsity`` sets the
         pruning's target). The name says that it was changed (``sparse50-int8-kd+sparsity=0.6``)."""
         pruning = dict(self.pruning) if self.pruning is not None else None
+        structured = self.structured
         quantization = dict(self.quantization) if self.quantization is not None else None
         distillation = self.distillation
         changed = []
         if techniques is not None and tuple(techniques) != self.techniques:
             if "pruning" not in techniques:
-                pruning = None
-            elif pruning is None:
+                pruning = structured = None
+            elif pruning is None and structured is None:
                 pruning = {"target_sparsity": sparsity if sparsity is not None else 0.5}
             if "quantization" not in techniques:
                 quantization = None
@@ -122,6 +151,12 @@ class Recipe:
                 quantization = {}
             distillation = "distillation" in techniques
             changed.append("techniques=" + ",".join(techniques))
+        if sparsity is not None and pruning is None and self.structured is not None:
+            raise ValueError(
+                f"--sparsity: recipe {self.name!r} removes whole heads and neurons "
+                f"({', '.join(f'{k} {v:.0%}' for k, v in self.structured.items())}); it has no "
+                "unstructured target sparsity to change"
+            )
         if sparsity is not None and pruning is not None and pruning["target_sparsity"] != sparsity:
             pruning["target_sparsity"] = sparsity
             changed.append(f"sparsity={sparsity:g}")
@@ -135,6 +170,7 @@ class Recipe:
             self,
             name="+".join([self.name, *changed]),
             pruning=pruning,
+            structured=structured,
             quantization=quantization,
             distillation=distillation,
             why="",
@@ -149,6 +185,9 @@ class Recipe:
         try:
             if self.pruning is not None:
                 PruningConfig(**self.pruning_arguments(0.05))
+            for arguments in self.structured_arguments(0.05):
+                arguments.pop("name")
+                PruningConfig(**arguments)
             if self.quantization is not None:
                 QuantizationConfig(**self.quantization_arguments())
         except (TypeError, ValueError) as exc:
@@ -166,6 +205,8 @@ class Recipe:
                 f"{args['target_sparsity']:.0%} {pattern} pruning"
                 + (f" ({criterion})" if criterion else " (magnitude)")
             )
+        if self.structured is not None:
+            parts.append(" + ".join(f"{v:.0%} of the {k} removed" for k, v in self.structured.items()))
         if self.quantization is not None:
             q = self.quantization_arguments()
             parts.append(f"int{q['weight_bits']} layers, int{q.get('embedding_bits') or 32} embeddings")
@@ -196,6 +237,15 @@ RECIPES: dict[str, Recipe] = {
             pruning={"target_sparsity": 0.8},
             quantization={},
             why="the smallest export of the table, at a cost in accuracy a short fine-tune does not recover",
+        ),
+        Recipe(
+            "heads50-neurons50-int8-kd",
+            "half of every layer's attention heads and FFN neurons removed, int8 layers, int4 "
+            "embeddings, distillation",
+            structured={"heads": 0.5, "neurons": 0.5},
+            quantization={},
+            why="structured pruning: the removed heads and neurons make every layer smaller, which "
+            "adds to int8's speed-up",
         ),
         Recipe(
             "int8-kd",
@@ -246,6 +296,8 @@ def compression_callbacks(
     callbacks: list[Any] = []
     if recipe.pruning is not None:
         callbacks.append(GradualMagnitudePruning(**recipe.pruning_arguments(prune_frequency)))
+    for arguments in recipe.structured_arguments(prune_frequency):
+        callbacks.append(GradualMagnitudePruning(**arguments))
     if recipe.quantization is not None:
         callbacks.append(QuantizationAwareTraining(**recipe.quantization_arguments()))
     if recipe.distillation:

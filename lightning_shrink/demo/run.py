@@ -300,8 +300,10 @@ def _run(
 
     # 3. Convert and export, and load the export back.
     model = student.model
-    if recipe.quantization is not None:
-        say("converting to the inference form (real int8 layers)")
+    if recipe.quantization is not None or recipe.structured is not None:
+        what = ["real int8 layers"] if recipe.quantization is not None else []
+        what += ["pruned heads and neurons removed"] if recipe.structured is not None else []
+        say(f"converting to the inference form ({', '.join(what)})")
         model = lightning_shrink.convert(model)
     export_dir = out / "model"
     say(f"exporting to {export_dir.name}/")
