@@ -206,6 +206,30 @@ def test_llama_causal_lm_loads_with_transformers_alone(tmp_path: Path, weight_bi
         torch.testing.assert_close(load(directory)(**INPUTS).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_int4_embedding_tables(tmp_path: Path) -> None:
+    """An int4 grouped table loads in transformers from format="hf" (one value per byte, as
+    int-quantized); the default format keeps the native one for it, with a warning saying why."""
+    qat = QuantizationAwareTraining(embedding_bits=4, embedding_group_size=16)
+    module = fit(TinyTransformerClassifier(), qat)
+    expected = reference(module.model, INPUTS)
+    with pytest.warns(UserWarning, match="int4 embedding 'bert.embeddings.word_embeddings'"):
+        native = export(module, tmp_path / "native")
+    assert json.loads((native / "shrink_config.json").read_text())["format"] == "lightning-shrink"
+    directory = export(module, tmp_path / "export", format="hf")
+    groups = json.loads((directory / "config.json").read_text())["quantization_config"]["config_groups"]
+    table = next(g for g in groups.values() if any("word_embeddings" in t for t in g["targets"]))
+    assert table["format"] == "int-quantized"
+    weights = table["weights"]
+    assert (weights["num_bits"], weights["strategy"], weights["group_size"]) == (4, "group", 16)
+    logits = from_pretrained(directory, "AutoModelForSequenceClassification", INPUTS)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+    loaded = load(directory)
+    word = loaded.bert.embeddings.word_embeddings
+    assert isinstance(word, Int8Embedding) and (word.weight_bits, word.group_size) == (4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**INPUTS).logits, expected, atol=1e-5, rtol=1e-4)
+
+
 def directory_size(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
@@ -262,8 +286,9 @@ def test_loading_an_hf_export_runs_no_code(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_from_pretrained_in_a_process_without_lightning_shrink(tmp_path: Path) -> None:
-    """A QAT'd and a pruned+QAT'd BERT classifier and an int8 and int4 Llama, each loaded by
-    transformers in a process that cannot import lightning_shrink, compute convert()'s outputs."""
+    """A QAT'd and a pruned+QAT'd BERT classifier, an int8 and int4 Llama and a BERT classifier
+    with int4 grouped embedding tables, each loaded by transformers in a process that cannot import
+    lightning_shrink, compute convert()'s outputs."""
     cases = [
         (TinyTransformerClassifier(), [QuantizationAwareTraining()], "AutoModelForSequenceClassification"),
         (
@@ -280,6 +305,11 @@ def test_from_pretrained_in_a_process_without_lightning_shrink(tmp_path: Path) -
             [QuantizationAwareTraining(weight_bits=4, group_size=16, embeddings=False)],
             "AutoModelForCausalLM",
         ),
+        (
+            TinyTransformerClassifier(),
+            [QuantizationAwareTraining(embedding_bits=4, embedding_group_size=16)],
+            "AutoModelForSequenceClassification",
+        ),
     ]
     runs, expected = [], []
     for i, (module, callbacks, task) in enumerate(cases):
@@ -287,7 +317,7 @@ def test_from_pretrained_in_a_process_without_lightning_shrink(tmp_path: Path) -
         if i == 0:
             module.tokenizer = tiny_tokenizer(tmp_path)
         expected.append(reference(module.model, INPUTS))
-        directory = export(module, tmp_path / f"case{i}" / "export")
+        directory = export(module, tmp_path / f"case{i}" / "export", format="hf")
         torch.save(INPUTS, directory.parent / "inputs.pt")
         runs.append((directory, task))
     results = from_pretrained_isolated(runs)

@@ -8,8 +8,16 @@ What is written (``config.json``'s ``quantization_config``, ``"quant_method": "c
   (``<layer>.weight`` int8, ``<layer>.weight_scale`` ``(out, 1)``);
 * int4 ``Linear`` weights: ``"format": "pack-quantized"``, per channel or per group
   (``weight_packed`` int32, eight values per element, ``weight_scale``, ``weight_shape``);
-* int8 embedding tables: ``"format": "int-quantized"``, one scale per row (transformers loads
-  quantized embeddings only when the group names its format explicitly);
+* embedding tables: ``"format": "int-quantized"``, int8 with one scale per row, or int4 per row or
+  per group stored one value per byte (``num_bits: 4`` in an int8 tensor). Packed int4
+  (``pack-quantized``) tables do not load in transformers: compressed-tensors'
+  ``compress_model`` (run by transformers' ``CompressedTensorsHfQuantizer`` before the weights
+  load) replaces the table's ``weight`` by ``weight_packed``, and ``PreTrainedModel._init_weights``
+  (transformers/modeling_utils.py) then initializes every ``nn.Embedding`` with
+  ``init.normal_(module.weight)``, which fails (``'Embedding' object has no attribute 'weight'``;
+  its ``nn.Linear`` branch checks that ``weight`` exists). An int4 table is therefore twice as
+  large here as in the native format, and the default ``format=None`` keeps the native format for
+  it (:func:`hf_unsupported` with ``default=True``);
 * activations as quantization-aware training simulated them: affine, per tensor, **7-bit**
   (``num_bits: 7, symmetric: false, strategy: "tensor"``), dynamic, or static with the observed
   ``input_scale`` / ``input_zero_point`` (shifted to the signed range ``[-64, 63]`` that
@@ -92,13 +100,17 @@ def find_transformers_model(model: nn.Module) -> tuple[str, nn.Module] | None:
     return found[0] if found else None
 
 
-def hf_unsupported(model: nn.Module) -> str | None:
+def hf_unsupported(model: nn.Module, default: bool = False) -> str | None:
     """Why ``model`` (a transformers model) has no Hugging Face-native form, or ``None`` if it has.
 
     The class must be one of the installed transformers package (``from_pretrained`` resolves it by
-    name); quantized layers must be ``nn.Linear`` (int8 or int4) or ``nn.Embedding`` (int8) in the
-    architecture (transformers' ``Conv1D``, convolutions and int4 tables have no compressed-tensors
-    form that transformers loads).
+    name); quantized layers must be ``nn.Linear`` (int8 or int4) or ``nn.Embedding`` (int8 or int4)
+    in the architecture (transformers' ``Conv1D`` and convolutions have no compressed-tensors form
+    that transformers loads).
+
+    With ``default=True`` (the choice of ``export(format=None)``), an int4 embedding table is also a
+    reason: the Hugging Face-native form stores it one value per byte (packed int4 tables do not
+    load in transformers), twice the size of the native format's packed table.
     """
     import transformers
 
@@ -126,10 +138,11 @@ def hf_unsupported(model: nn.Module) -> str | None:
         if isinstance(layer, Int8Linear) and type(original) is nn.Linear:
             continue
         if isinstance(layer, Int8Embedding) and type(original) is nn.Embedding:
-            if layer.weight_bits != 8:
+            if layer.weight_bits == 4 and default:
                 return (
-                    f"the int{layer.weight_bits} embedding {name!r} has no compressed-tensors form that "
-                    "transformers loads (quantized embeddings load only as int-quantized int8)"
+                    f"the int4 embedding {name!r} would be stored one value per byte in the Hugging "
+                    "Face-native format (transformers cannot load packed int4 embedding tables), twice "
+                    'its size in the native format; format="hf" writes it so'
                 )
             continue
         return (
@@ -200,16 +213,13 @@ def _encode_layer(name: str, layer: nn.Module, tensors: dict[str, torch.Tensor])
     from lightning_shrink.quantization.int8_layers import Int8Embedding, Int8Linear
 
     if isinstance(layer, Int8Embedding):
-        if layer.weight_bits != 8:
-            raise ValueError(
-                f"export: the int{layer.weight_bits} embedding {name!r} has no compressed-tensors form "
-                "that transformers loads (quantized embeddings load only as int-quantized int8); train "
-                'with embedding_bits=8, or export(..., format="native")'
-            )
+        # int8 and int4 alike as int-quantized (one value per byte): packed tables do not load in
+        # transformers (see the module's docstring).
+        bits = layer.weight_bits
         tensors[f"{name}.weight"] = layer.weight.clone()
         tensors[f"{name}.weight_scale"] = layer.weight_scale.reshape(layer.num_embeddings, -1).float().clone()
-        scheme = {"weights": _weights_args(8, layer.group_size), "format": "int-quantized"}
-        return ("embedding", 8, layer.group_size, None), scheme
+        scheme = {"weights": _weights_args(bits, layer.group_size), "format": "int-quantized"}
+        return ("embedding", bits, layer.group_size, None), scheme
     if not isinstance(layer, Int8Linear):
         raise ValueError(
             f"export: the quantized layer {name!r} ({type(layer).__name__}) has no compressed-tensors form "

@@ -57,6 +57,13 @@ def _layer_spec(path: Path, group_name: str, group: Mapping[str, Any]) -> dict[s
             f"config group {group_name!r} has weights {dict(weights)}, which lightning-shrink's int8 "
             "layers do not compute (symmetric int8/int4 per channel or group); load it with transformers",
         )
+    fmt = group.get("format")
+    if fmt not in ("int-quantized", "pack-quantized") or (fmt == "pack-quantized" and bits != 4):
+        raise _damaged(
+            path,
+            f"config group {group_name!r} has format {fmt!r}; lightning-shrink reads int-quantized "
+            "(one value per byte) and pack-quantized int4; load it with transformers",
+        )
     activations = None
     act = group.get("input_activations")
     if act is not None:
@@ -77,7 +84,12 @@ def _layer_spec(path: Path, group_name: str, group: Mapping[str, Any]) -> dict[s
         raise _damaged(
             path, f"config group {group_name!r} quantizes output activations, which is not supported"
         )
-    return {"bits": bits, "group_size": group_size, "activations": activations}
+    return {
+        "bits": bits,
+        "group_size": group_size,
+        "activations": activations,
+        "packed": fmt == "pack-quantized",
+    }
 
 
 def _targets(path: Path, group_name: str, group: Mapping[str, Any]) -> list[re.Pattern[str]]:
@@ -114,9 +126,13 @@ def _build_layers(
             if not name or name in done or not any(p.fullmatch(name) for p in patterns):
                 continue
             done.add(name)
-            if isinstance(module, nn.Embedding) and spec["bits"] == 8 and spec["activations"] is None:
+            if isinstance(module, nn.Embedding) and not spec["packed"] and spec["activations"] is None:
                 layer: nn.Module = Int8Embedding(
-                    module.num_embeddings, module.embedding_dim, module.padding_idx, 8, spec["group_size"]
+                    module.num_embeddings,
+                    module.embedding_dim,
+                    module.padding_idx,
+                    spec["bits"],
+                    spec["group_size"],
                 )
             elif isinstance(module, nn.Linear):
                 layer = Int8Linear(
@@ -142,7 +158,7 @@ def _decode(
 ) -> None:
     """Turn the layer's compressed-tensors tensors in ``tensors`` into its int8 state."""
     try:
-        if spec["bits"] == 4:
+        if spec["packed"]:
             shape = tensors.pop(f"{name}.weight_shape").tolist()
             tensors[f"{name}.weight"] = _unpack_int4(tensors.pop(f"{name}.weight_packed"), shape)
         scale = tensors[f"{name}.weight_scale"]

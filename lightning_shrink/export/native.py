@@ -156,7 +156,7 @@ def export(
         format = "native"
     if format == "hf" or format is None:
         assert found is not None
-        reason = hf_unsupported(found[1])
+        reason = hf_unsupported(found[1], default=format is None)
         if reason is not None and format == "hf":
             raise ValueError(f'export: format="hf" cannot express this model: {reason}; use format="native"')
         if reason is not None:
