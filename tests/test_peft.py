@@ -157,6 +157,89 @@ def test_other_peft_methods_are_refused_naming_the_method() -> None:
         )
 
 
+class GradientRecorder:
+    """Each step's batch and LoRA model (after the masks were applied), and, before pruning reads them,
+    the LoRA base weights' gradients and the movement scores' gradients."""
+
+    def __init__(self) -> None:
+        self.batches: list[Any] = []
+        self.models: list[nn.Module] = []
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.score_grads: list[dict[str, torch.Tensor]] = []
+        self.movement: Any = None
+
+    @hookimpl(trylast=True)
+    def shrink_train_batch_start(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        self.batches.append(copy.deepcopy(batch))
+        self.models.append(copy.deepcopy(pl_module.model))
+
+    @hookimpl(tryfirst=True)
+    def shrink_before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
+        self.grads.append(
+            {n: p.grad.clone() for n, p in pl_module.named_parameters() if n.endswith("base_layer.weight")}
+        )
+        criterion = self.movement.plugin.criterion
+        self.score_grads.append(
+            {n: s.grad.clone() for n, s in zip(criterion.names, criterion.score_params, strict=True)}
+        )
+
+
+def merged_gradients(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """``(W_eff, dL/dW_eff)`` of every LoRA layer of ``model``, by autograd on a merged copy without LoRA
+    layers (keyed by the LoRA layer's name under the PeftModel)."""
+    names = list(base_layers(model))
+    merged = copy.deepcopy(model).merge_and_unload()
+    merged.train()
+    weights = [merged.get_submodule(n.removeprefix("base_model.model.")).weight for n in names]
+    for w in weights:
+        w.requires_grad_(True)
+    grads = torch.autograd.grad(merged(**batch).loss, weights)
+    return {n: (w.detach(), g) for n, w, g in zip(names, weights, grads, strict=True)}
+
+
+def test_gradient_criteria_score_the_merged_weight_of_lora_layers_with_its_gradient() -> None:
+    """movement and taylor on frozen LoRA base weights read dL/dW_eff of the effective weight
+    W_eff = W + M ⊙ s·B·A, equal to autograd on a merged copy, and score W_eff with it."""
+    model = lora_model()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
+    schedule = dict(target_sparsity=0.5, start_step=1, end_step=2, frequency=1)
+    movement = GradualMagnitudePruning(criterion="movement", modules="*q_proj*", **schedule)
+    taylor = GradualMagnitudePruning(criterion="taylor", modules=["*v_proj*", "*up_proj*"], **schedule)
+    recorder = GradientRecorder()
+    recorder.movement = movement
+    callbacks = [movement, taylor, ShrinkCallback(plugins=[recorder])]
+    cpu_trainer(callbacks=callbacks, max_steps=2).fit(
+        TinyTransformerClassifier(model, lr=1e-2), token_dataloader()
+    )
+
+    references = [merged_gradients(m, b) for m, b in zip(recorder.models, recorder.batches, strict=True)]
+    # the base weights' gradients, read before pruning's hook, are dL/dW_eff (the masked step included)
+    for grads, reference in zip(recorder.grads, references, strict=True):
+        assert len(grads) == 2 * len(TARGETS)
+        for name, (_, expected) in reference.items():
+            torch.testing.assert_close(
+                grads[f"model.{name}.base_layer.weight"], expected, rtol=1e-4, atol=1e-7
+            )
+    beta1 = dict(taylor.config.criterion_options)["beta1"]
+    importance = dict(zip(taylor.plugin.criterion.names, taylor.plugin.criterion.importance, strict=True))
+    assert len(importance) == 2 * len(recorder.score_grads[0]) == 4
+    for name in base_layers(model):
+        key = f"model.{name}.base_layer.weight"
+        (w0, g0), (w1, g1) = references[0][name], references[1][name]
+        if key in importance:  # EMA of |W_eff * g| over the two steps
+            expected = beta1 * (1 - beta1) * (w0 * g0).abs() + (1 - beta1) * (w1 * g1).abs()
+            torch.testing.assert_close(importance[key], expected, rtol=1e-4, atol=1e-9)
+        else:  # the scores' gradient at each step is W_eff * dL/dW_eff
+            for step, (w, g) in enumerate(((w0, g0), (w1, g1))):
+                torch.testing.assert_close(recorder.score_grads[step][key], w * g, rtol=1e-4, atol=1e-9)
+    # the optimizer never updated the base weights; they are frozen again, without gradients
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert not p.requires_grad and p.grad is None
+            assert torch.equal(p[p != 0], frozen[name][p != 0]), name
+    assert movement.sparsity == taylor.sparsity == 0.5
+
+
 # ---------------------------------------------------------------------------- quantization and export
 
 
