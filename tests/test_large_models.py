@@ -103,14 +103,32 @@ class Tokens(Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def compressed_fit(strategy: str | pl.strategies.Strategy = "auto", devices: int = 1, lora: bool = False):
+def compressed_fit(
+    strategy: str | pl.strategies.Strategy = "auto",
+    devices: int = 1,
+    lora: bool = False,
+    gradients: bool = False,
+):
     """Pruning (global) + weight-only int8 QAT + distillation from a larger Llama, four steps of global
     batches of 8: with ``devices=2`` each rank takes every other example of a batch (its own loader,
     in order), so both runs see the same batches. ``lora=True``: the student has LoRA adapters (the
-    base weights are pruned, QAT fake-quantizes the merged weight), three steps."""
+    base weights are pruned, QAT fake-quantizes the merged weight), three steps. ``gradients=True``:
+    two pruning callbacks with gradient criteria instead, ``movement`` on the attention and ``taylor``
+    on the MLP (returned as a list)."""
     teacher = tiny_llama(hidden=48, layers=3, seed=1)
-    pruning = ls.GradualMagnitudePruning(0.5, start_step=0, end_step=2, frequency=1)
-    callbacks = [pruning, ls.QuantizationAwareTraining(activations=None), ls.KnowledgeDistillation(teacher)]
+    if gradients:
+        schedule = dict(target_sparsity=0.5, start_step=1, end_step=2, frequency=1)
+        pruning = [
+            ls.GradualMagnitudePruning(criterion="movement", modules="*.self_attn.*", **schedule),
+            ls.GradualMagnitudePruning(criterion="taylor", modules="*.mlp.*", **schedule),
+        ]
+    else:
+        pruning = ls.GradualMagnitudePruning(0.5, start_step=0, end_step=2, frequency=1)
+    callbacks = [
+        *(pruning if gradients else [pruning]),
+        ls.QuantizationAwareTraining(activations=None),
+        ls.KnowledgeDistillation(teacher),
+    ]
     model = ConfiguredLlama(lora=lora)
     trainer = cpu_trainer(
         callbacks=callbacks,
