@@ -309,10 +309,10 @@ def _check_fsdp2_lora(ranks: list[dict]) -> None:
         assert set(weights) == set(expected)
         for key, value in weights.items():
             assert torch.equal(value, first[key]), key  # both ranks hold the same (gathered) weights
-            torch.testing.assert_close(value, expected[key], atol=2e-5, rtol=1e-4)
-            if key in base:
-                assert torch.equal(value == 0, expected[key] == 0), key
+            if key in base:  # frozen: pruned to the same zeros, nothing else changes them
+                assert torch.equal(value, expected[key]), key
             else:
+                torch.testing.assert_close(value, expected[key], atol=2e-6, rtol=1e-4)
                 assert bool((value != 0).all()), key  # adapters dense
     assert sum(int((first[n] == 0).sum()) for n in base) == sum(first[n].numel() for n in base) // 2
     merged = model.model.merge_and_unload()

@@ -240,6 +240,17 @@ def test_gradient_criteria_score_the_merged_weight_of_lora_layers_with_its_gradi
     assert movement.sparsity == taylor.sparsity == 0.5
 
 
+def test_taylor_on_lora_base_weights_refuses_a_gradient_scaler() -> None:
+    from lightning.pytorch.plugins import MixedPrecision
+
+    model = lora_model()
+    taylor = GradualMagnitudePruning(0.5, criterion="taylor", start_step=1, end_step=2)
+    trainer = cpu_trainer(callbacks=[taylor], max_steps=3, plugins=[MixedPrecision("16-mixed", "cpu")])
+    with pytest.raises(ValueError, match=r"criterion='taylor' on the frozen base weights of LoRA layers"):
+        trainer.fit(TinyTransformerClassifier(model), token_dataloader())
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "base_layer" in n)
+
+
 # ---------------------------------------------------------------------------- quantization and export
 
 
@@ -364,6 +375,37 @@ def test_distillation_trains_a_lora_student_from_a_separate_teacher() -> None:
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
     after = lora_weights(model)
     assert all(not torch.equal(before[n], after[n]) for n in after if "lora_B" in n)
+
+
+@pytest.mark.parametrize(
+    ("teacher", "match"),
+    [
+        (
+            lambda m: m.get_base_model(),
+            r"the teacher is the student itself \(LlamaForSequenceClassification\)",
+        ),
+        (
+            lambda m: m,
+            r"shares its parameter 'base_model\.model\.model\.embed_tokens\.weight' .* a frozen weight",
+        ),
+        (
+            lambda m: m.get_base_model().model.layers[0],
+            r"shares its parameter 'self_attn\.q_proj\.base_layer",
+        ),
+    ],
+    ids=["base-model", "peft-model", "shared-layer"],
+)
+def test_a_teacher_sharing_the_lora_students_weights_is_refused(teacher: Any, match: str) -> None:
+    """The student's base model (or any module holding its weights) is not a dense teacher: its base
+    weights are pruned or fake-quantized in place."""
+    model = lora_model()
+    kd = KnowledgeDistillation(teacher(model))
+    with pytest.raises(ValueError, match=match) as error:
+        cpu_trainer(callbacks=[kd, GradualMagnitudePruning(0.5)], max_steps=1).fit(
+            TinyTransformerClassifier(model), token_dataloader()
+        )
+    assert "copy of the base model made before get_peft_model" in str(error.value)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)  # nothing frozen
 
 
 # ---------------------------------------------------------------------------- differential privacy
