@@ -305,6 +305,7 @@ def _check_fsdp2_lora(ranks: list[dict]) -> None:
         lora = rank["lora"]
         assert lora["sparsity"] == pytest.approx(0.5) and lora["targets"] == ranks[0]["lora"]["targets"]
         assert set(base) <= set(lora["sharded"])  # the base weights under the adapters really were sharded
+        assert "sharded (FSDP2) outside a forward pass" in lora["merge_error"]
         weights = {k: torch.tensor(v) for k, v in lora["weights"].items()}
         assert set(weights) == set(expected)
         for key, value in weights.items():

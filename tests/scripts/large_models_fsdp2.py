@@ -88,4 +88,10 @@ result["lora"] = {
     "kl": float(trainer.callback_metrics["distillation/kl"]),
     "weights": {n: full(p).tolist() for n, p in params.items() if "lora_" in n or "base_layer" in n},
 }
+# Outside a forward the base weight is a shard: merging the masked delta is refused, not half done.
+layer = model.model.get_base_model().model.layers[0].self_attn.q_proj
+try:
+    layer.get_delta_weight("default")
+except RuntimeError as error:
+    result["lora"]["merge_error"] = str(error)
 (out / f"rank{rank}.json").write_text(json.dumps(result))
