@@ -41,13 +41,30 @@ def tiny_llama(hidden: int = 32, layers: int = 2, seed: int = 0) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
-class ConfiguredLlama(pl.LightningModule):
-    """A tiny Llama built in ``configure_model``; under ``ModelParallelStrategy`` each decoder layer
-    and then the whole model are sharded with FSDP2 (``fully_shard``), as Lightning's docs do."""
+LORA_TARGETS = ["q_proj", "v_proj", "up_proj"]
 
-    def __init__(self, lr: float = 1e-2) -> None:
+
+def lora_llama() -> nn.Module:
+    """:func:`tiny_llama` with peft LoRA adapters (r=4) on ``q/v/up_proj``, the base frozen."""
+    import peft
+
+    model = tiny_llama()
+    torch.manual_seed(2)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights="gaussian", task_type="CAUSAL_LM"
+    )
+    return peft.get_peft_model(model, config)
+
+
+class ConfiguredLlama(pl.LightningModule):
+    """A tiny Llama (``lora=True``: with peft LoRA adapters) built in ``configure_model``; under
+    ``ModelParallelStrategy`` each decoder layer and then the whole model are sharded with FSDP2
+    (``fully_shard``), as Lightning's docs do."""
+
+    def __init__(self, lr: float = 1e-2, lora: bool = False) -> None:
         super().__init__()
         self.lr = lr
+        self.lora = lora
         self.model: nn.Module | None = None
 
     def configure_model(self) -> None:
@@ -56,12 +73,13 @@ class ConfiguredLlama(pl.LightningModule):
         # Built on the CPU, not on ModelParallelStrategy's meta device (whose materialization
         # re-initializes the weights): both runs start from the same seeded weights.
         with torch.device("cpu"):
-            self.model = tiny_llama()
+            self.model = lora_llama() if self.lora else tiny_llama()
         mesh = getattr(self, "device_mesh", None)
         if mesh is not None:
             from torch.distributed.fsdp import fully_shard
 
-            for layer in self.model.model.layers:
+            llama = self.model.get_base_model() if self.lora else self.model
+            for layer in llama.model.layers:
                 fully_shard(layer, mesh=mesh["data_parallel"])
             fully_shard(self.model, mesh=mesh["data_parallel"])
 
@@ -69,7 +87,7 @@ class ConfiguredLlama(pl.LightningModule):
         return self.model(**batch).loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
 class Tokens(Dataset):
@@ -85,16 +103,39 @@ class Tokens(Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def compressed_fit(strategy: str | pl.strategies.Strategy = "auto", devices: int = 1):
+def compressed_fit(
+    strategy: str | pl.strategies.Strategy = "auto",
+    devices: int = 1,
+    lora: bool = False,
+    gradients: bool = False,
+):
     """Pruning (global) + weight-only int8 QAT + distillation from a larger Llama, four steps of global
     batches of 8: with ``devices=2`` each rank takes every other example of a batch (its own loader,
-    in order), so both runs see the same batches."""
+    in order), so both runs see the same batches. ``lora=True``: the student has LoRA adapters (the
+    base weights are pruned, QAT fake-quantizes the merged weight), three steps. ``gradients=True``:
+    two pruning callbacks with gradient criteria instead, ``movement`` on the attention and ``taylor``
+    on the MLP (returned as a list)."""
     teacher = tiny_llama(hidden=48, layers=3, seed=1)
-    pruning = ls.GradualMagnitudePruning(0.5, start_step=0, end_step=2, frequency=1)
-    callbacks = [pruning, ls.QuantizationAwareTraining(activations=None), ls.KnowledgeDistillation(teacher)]
-    model = ConfiguredLlama()
+    if gradients:
+        schedule = dict(target_sparsity=0.5, start_step=1, end_step=2, frequency=1)
+        pruning = [
+            ls.GradualMagnitudePruning(criterion="movement", modules="*.self_attn.*", **schedule),
+            ls.GradualMagnitudePruning(criterion="taylor", modules="*.mlp.*", **schedule),
+        ]
+    else:
+        pruning = ls.GradualMagnitudePruning(0.5, start_step=0, end_step=2, frequency=1)
+    callbacks = [
+        *(pruning if gradients else [pruning]),
+        ls.QuantizationAwareTraining(activations=None),
+        ls.KnowledgeDistillation(teacher),
+    ]
+    model = ConfiguredLlama(lora=lora)
     trainer = cpu_trainer(
-        callbacks=callbacks, strategy=strategy, devices=devices, max_steps=4, use_distributed_sampler=False
+        callbacks=callbacks,
+        strategy=strategy,
+        devices=devices,
+        max_steps=3 if lora else 4,
+        use_distributed_sampler=False,
     )
     rank = int(os.environ.get("LOCAL_RANK", 0))
     data = Subset(Tokens(), range(rank, len(Tokens()), devices))
@@ -246,6 +287,39 @@ def test_fsdp2_pruning_qat_and_distillation_from_a_sharded_teacher_equal_one_pro
         assert set(rank["weights"]) == set(expected)
         for key, value in rank["weights"].items():
             torch.testing.assert_close(torch.tensor(value), expected[key], atol=2e-5, rtol=1e-4)
+    _check_fsdp2_lora(ranks)
+
+
+def _check_fsdp2_lora(ranks: list[dict]) -> None:
+    """The LoRA student of the same launch: base weights pruned (global 50 %) with the same zeros as in
+    one process, adapters dense and trained alike, the merged model at the target sparsity."""
+    trainer, model, _, pruning = compressed_fit(lora=True)
+    params = dict(model.model.named_parameters())
+    expected = {n: p.detach() for n, p in params.items() if "lora_" in n or "base_layer" in n}
+    base = [n for n in expected if n.endswith("base_layer.weight")]
+    assert [t.name for t in pruning.plugin.targets] == [f"model.{n}" for n in base]
+    kl = float(trainer.callback_metrics["distillation/kl"])
+    assert sum(rank["lora"]["kl"] for rank in ranks) / 2 == pytest.approx(kl, rel=1e-4)
+    first = {k: torch.tensor(v) for k, v in ranks[0]["lora"]["weights"].items()}
+    for rank in ranks:
+        lora = rank["lora"]
+        assert lora["sparsity"] == pytest.approx(0.5) and lora["targets"] == ranks[0]["lora"]["targets"]
+        assert set(base) <= set(lora["sharded"])  # the base weights under the adapters really were sharded
+        assert "sharded (FSDP2) outside a forward pass" in lora["merge_error"]
+        weights = {k: torch.tensor(v) for k, v in lora["weights"].items()}
+        assert set(weights) == set(expected)
+        for key, value in weights.items():
+            assert torch.equal(value, first[key]), key  # both ranks hold the same (gathered) weights
+            if key in base:  # frozen: pruned to the same zeros, nothing else changes them
+                assert torch.equal(value, expected[key]), key
+            else:
+                torch.testing.assert_close(value, expected[key], atol=2e-6, rtol=1e-4)
+                assert bool((value != 0).all()), key  # adapters dense
+    assert sum(int((first[n] == 0).sum()) for n in base) == sum(first[n].numel() for n in base) // 2
+    merged = model.model.merge_and_unload()
+    layers = [getattr(m, name) for m in merged.model.layers for name in ("self_attn", "mlp")]
+    kept = [getattr(m, t).weight for m in layers for t in LORA_TARGETS if hasattr(m, t)]
+    assert sum(int((w == 0).sum()) for w in kept) == sum(w.numel() for w in kept) // 2
 
 
 # ------------------------------------------------------------------------------------------- bf16

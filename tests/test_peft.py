@@ -157,6 +157,100 @@ def test_other_peft_methods_are_refused_naming_the_method() -> None:
         )
 
 
+class GradientRecorder:
+    """Each step's batch and LoRA model (after the masks were applied), and, before pruning reads them,
+    the LoRA base weights' gradients and the movement scores' gradients."""
+
+    def __init__(self) -> None:
+        self.batches: list[Any] = []
+        self.models: list[nn.Module] = []
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.score_grads: list[dict[str, torch.Tensor]] = []
+        self.movement: Any = None
+
+    @hookimpl(trylast=True)
+    def shrink_train_batch_start(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        self.batches.append(copy.deepcopy(batch))
+        self.models.append(copy.deepcopy(pl_module.model))
+
+    @hookimpl(tryfirst=True)
+    def shrink_before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
+        self.grads.append(
+            {n: p.grad.clone() for n, p in pl_module.named_parameters() if n.endswith("base_layer.weight")}
+        )
+        criterion = self.movement.plugin.criterion
+        self.score_grads.append(
+            {n: s.grad.clone() for n, s in zip(criterion.names, criterion.score_params, strict=True)}
+        )
+
+
+def merged_gradients(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """``(W_eff, dL/dW_eff)`` of every LoRA layer of ``model``, by autograd on a merged copy without LoRA
+    layers (keyed by the LoRA layer's name under the PeftModel)."""
+    names = list(base_layers(model))
+    merged = copy.deepcopy(model).merge_and_unload()
+    merged.train()
+    weights = [merged.get_submodule(n.removeprefix("base_model.model.")).weight for n in names]
+    for w in weights:
+        w.requires_grad_(True)
+    grads = torch.autograd.grad(merged(**batch).loss, weights)
+    return {n: (w.detach(), g) for n, w, g in zip(names, weights, grads, strict=True)}
+
+
+def test_gradient_criteria_score_the_merged_weight_of_lora_layers_with_its_gradient() -> None:
+    """movement and taylor on frozen LoRA base weights read dL/dW_eff of the effective weight
+    W_eff = W + M ⊙ s·B·A, equal to autograd on a merged copy, and score W_eff with it."""
+    model = lora_model()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
+    schedule = dict(target_sparsity=0.5, start_step=1, end_step=2, frequency=1)
+    movement = GradualMagnitudePruning(criterion="movement", modules="*q_proj*", **schedule)
+    taylor = GradualMagnitudePruning(criterion="taylor", modules=["*v_proj*", "*up_proj*"], **schedule)
+    recorder = GradientRecorder()
+    recorder.movement = movement
+    callbacks = [movement, taylor, ShrinkCallback(plugins=[recorder])]
+    cpu_trainer(callbacks=callbacks, max_steps=2).fit(
+        TinyTransformerClassifier(model, lr=1e-2), token_dataloader()
+    )
+
+    references = [merged_gradients(m, b) for m, b in zip(recorder.models, recorder.batches, strict=True)]
+    # the base weights' gradients, read before pruning's hook, are dL/dW_eff (the masked step included)
+    for grads, reference in zip(recorder.grads, references, strict=True):
+        assert len(grads) == 2 * len(TARGETS)
+        for name, (_, expected) in reference.items():
+            torch.testing.assert_close(
+                grads[f"model.{name}.base_layer.weight"], expected, rtol=1e-4, atol=1e-7
+            )
+    beta1 = dict(taylor.config.criterion_options)["beta1"]
+    importance = dict(zip(taylor.plugin.criterion.names, taylor.plugin.criterion.importance, strict=True))
+    assert len(importance) == 2 * len(recorder.score_grads[0]) == 4
+    for name in base_layers(model):
+        key = f"model.{name}.base_layer.weight"
+        (w0, g0), (w1, g1) = references[0][name], references[1][name]
+        if key in importance:  # EMA of |W_eff * g| over the two steps
+            expected = beta1 * (1 - beta1) * (w0 * g0).abs() + (1 - beta1) * (w1 * g1).abs()
+            torch.testing.assert_close(importance[key], expected, rtol=1e-4, atol=1e-9)
+        else:  # the scores' gradient at each step is W_eff * dL/dW_eff
+            for step, (w, g) in enumerate(((w0, g0), (w1, g1))):
+                torch.testing.assert_close(recorder.score_grads[step][key], w * g, rtol=1e-4, atol=1e-9)
+    # the optimizer never updated the base weights; they are frozen again, without gradients
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert not p.requires_grad and p.grad is None
+            assert torch.equal(p[p != 0], frozen[name][p != 0]), name
+    assert movement.sparsity == taylor.sparsity == 0.5
+
+
+def test_taylor_on_lora_base_weights_refuses_a_gradient_scaler() -> None:
+    from lightning.pytorch.plugins import MixedPrecision
+
+    model = lora_model()
+    taylor = GradualMagnitudePruning(0.5, criterion="taylor", start_step=1, end_step=2)
+    trainer = cpu_trainer(callbacks=[taylor], max_steps=3, plugins=[MixedPrecision("16-mixed", "cpu")])
+    with pytest.raises(ValueError, match=r"criterion='taylor' on the frozen base weights of LoRA layers"):
+        trainer.fit(TinyTransformerClassifier(model), token_dataloader())
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "base_layer" in n)
+
+
 # ---------------------------------------------------------------------------- quantization and export
 
 
@@ -281,6 +375,37 @@ def test_distillation_trains_a_lora_student_from_a_separate_teacher() -> None:
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
     after = lora_weights(model)
     assert all(not torch.equal(before[n], after[n]) for n in after if "lora_B" in n)
+
+
+@pytest.mark.parametrize(
+    ("teacher", "match"),
+    [
+        (
+            lambda m: m.get_base_model(),
+            r"the teacher is the student itself \(LlamaForSequenceClassification\)",
+        ),
+        (
+            lambda m: m,
+            r"shares its parameter 'base_model\.model\.model\.embed_tokens\.weight' .* a frozen weight",
+        ),
+        (
+            lambda m: m.get_base_model().model.layers[0],
+            r"shares its parameter 'self_attn\.q_proj\.base_layer",
+        ),
+    ],
+    ids=["base-model", "peft-model", "shared-layer"],
+)
+def test_a_teacher_sharing_the_lora_students_weights_is_refused(teacher: Any, match: str) -> None:
+    """The student's base model (or any module holding its weights) is not a dense teacher: its base
+    weights are pruned or fake-quantized in place."""
+    model = lora_model()
+    kd = KnowledgeDistillation(teacher(model))
+    with pytest.raises(ValueError, match=match) as error:
+        cpu_trainer(callbacks=[kd, GradualMagnitudePruning(0.5)], max_steps=1).fit(
+            TinyTransformerClassifier(model), token_dataloader()
+        )
+    assert "copy of the base model made before get_peft_model" in str(error.value)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)  # nothing frozen
 
 
 # ---------------------------------------------------------------------------- differential privacy

@@ -1,5 +1,6 @@
 """Pruning across processes: identical masks on DDP ranks (one callback, and two callbacks with a
-bit-exact resume); exact global thresholds over FSDP2 shards; models built in ``configure_model``.
+bit-exact resume; gradient criteria on the frozen base weights of a LoRA model, equal to one process);
+exact global thresholds over FSDP2 shards; models built in ``configure_model``.
 
 Each test runs real ``Trainer.fit`` calls with ``devices=2`` on CPU in a subprocess (Lightning launches
 the second rank by re-running the script); every rank writes what it saw to a file.
@@ -27,7 +28,7 @@ def _ranks(tmp_path: Path, prefix: str) -> list[dict]:
 def ddp_runs(tmp_path_factory) -> Path:
     """One launch of pruning_ddp.py for both DDP tests below (their fits run one after the other)."""
     out = tmp_path_factory.mktemp("pruning-ddp")
-    run_multiprocess_script(SCRIPTS / "pruning_ddp.py", out, "one", "two", cwd=out)
+    run_multiprocess_script(SCRIPTS / "pruning_ddp.py", out, "one", "two", "lora", cwd=out)
     return out
 
 
@@ -66,6 +67,39 @@ def test_ddp_two_pruning_callbacks_reach_their_targets_and_resume_bit_exactly(dd
             assert all(torch.equal(mine[n], theirs[n]) for n in theirs)
         for name, w in full[0]["weights"].items():
             assert torch.equal(w, r["weights"][name]), name
+
+
+def test_ddp_gradient_criteria_on_lora_base_weights_equal_one_process(ddp_runs):
+    """movement + taylor pruning of a LoRA Llama's frozen base weights, with merged-weight QAT and
+    distillation, under DDP: the base weights' gradients are averaged over the ranks, so both ranks and
+    the single-process run choose the same masks; the adapters stay dense and train alike."""
+    from test_large_models import compressed_fit
+
+    r0, r1 = _ranks(ddp_runs, "lora-")
+    trainer, model, _, pruning = compressed_fit(lora=True, gradients=True)
+    masks = {n: m for p in pruning for n, m in p.masks.items()}
+    assert len(masks) == 6 and all(n.endswith(".base_layer.weight") for n in masks)
+    for r in (r0, r1):
+        assert r["sparsity"] == [pytest.approx(0.5), pytest.approx(0.5)]
+        assert set(r["masks"]) == set(masks)
+        for name, mask in masks.items():
+            assert torch.equal(r["masks"][name], mask), name
+        # the base weights are frozen again: only the adapters are trainable
+        assert {n for n, trainable in r["requires_grad"].items() if trainable} == {
+            n for n in r["weights"] if "lora_" in n
+        }
+    # each rank logs the distillation loss of its own half of the last batch
+    kl = float(trainer.callback_metrics["distillation/kl"])
+    assert (r0["kl"] + r1["kl"]) / 2 == pytest.approx(kl, rel=1e-4)
+    for name, p in model.model.named_parameters():
+        assert torch.equal(r0["weights"][name], r1["weights"][name]), name
+        torch.testing.assert_close(r0["weights"][name], p.detach(), atol=2e-6, rtol=1e-4)
+        if "lora_" in name:
+            assert bool((p != 0).all()), name  # adapters dense
+    merged = model.model.merge_and_unload()
+    for name, mask in masks.items():
+        layer = name.removeprefix("model.base_model.model.").removesuffix(".base_layer.weight")
+        assert torch.equal(merged.get_submodule(layer).weight != 0, mask), name
 
 
 @pytest.mark.parametrize(

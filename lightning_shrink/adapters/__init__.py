@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 
+import torch
 from torch import nn
 
 __all__ = [
@@ -28,7 +29,9 @@ __all__ = [
     "AdapterRoles",
     "adapter_roles",
     "check_supported",
+    "effective_weight",
     "has_lora",
+    "lora_base_layers",
     "lora_layers",
     "mask_lora_deltas",
     "privacy_problems",
@@ -191,17 +194,36 @@ def adapter_roles(model: nn.Module) -> AdapterRoles:
     return roles
 
 
+def lora_base_layers(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """The parameters among ``names`` that are the base weight of a LoRA layer: parameter name -> the
+    LoRA layer's qualified name (empty without peft layers)."""
+    roles = adapter_roles(model)
+    if not roles.base_weights:
+        return {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {n: roles.base_weights[id(params[n])] for n in names if id(params[n]) in roles.base_weights}
+
+
+def effective_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight the LoRA ``layer`` computes with, ``W + Σ M ⊙ s·B·A`` over its active adapters
+    (``M`` the base weight's pruning mask, where the layer masks its delta), without gradient: what
+    ``merge()`` would write into the base weight."""
+    base = layer.get_base_layer()
+    weight = base.weight.detach()
+    if layer.disable_adapters or layer.merged:
+        return weight
+    with torch.no_grad():
+        deltas = [layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A]
+        return weight + sum(d.to(weight.dtype) for d in deltas) if deltas else weight
+
+
 def mask_lora_deltas(
     model: nn.Module, pruned: list[str], owner: str = "GradualMagnitudePruning"
 ) -> list[str]:
     """Make every LoRA layer whose base weight is among the ``pruned`` parameter names mask its adapter
     delta with that weight's zeros (:class:`~lightning_shrink.adapters.lora_layer.ShrinkLoraLinear`),
     so that the merged weight stays sparse; returns the LoRA layers' names."""
-    roles = adapter_roles(model)
-    if not roles.base_weights:
-        return []
-    params = dict(model.named_parameters(remove_duplicate=False))
-    names = sorted({roles.base_weights[id(params[n])] for n in pruned if id(params[n]) in roles.base_weights})
+    names = sorted(set(lora_base_layers(model, pruned).values()))
     if names:
         from lightning_shrink.adapters.lora_layer import adopt
 

@@ -15,6 +15,13 @@ hooks and ``state_dict`` keys stay peft's:
 The mask is read from the base weight's zeros (the pruning masks are multiplied into it, and an
 already-sparse model's zeros are its initial masks, as pruning itself takes them); it is cached until
 the weight changes.
+
+Under FSDP2 (``fully_shard``) the base weight is sharded between forwards, and whole during the
+forward of the unit that holds it (FSDP2 gathers it): the mask and the merged weight are computed
+from that gathered weight at every forward (never cached: the gathered storage is refilled in
+place), so training is the same function as in one process. Outside a forward (``merge()``,
+``get_delta_weight``) a sharded base weight is refused: gather the full state dict into an unsharded
+model first.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ __all__ = ["ShrinkLoraLinear", "adopt", "dense_adapter_path", "masks_delta"]
 
 _PRUNED = "_shrink_pruned_base"
 _CACHE = "_shrink_mask_cache"
+_SHARDED = "_shrink_sharded_base"
 
 
 class ShrinkLoraLinear(LoraLinear):
@@ -45,14 +53,23 @@ class ShrinkLoraLinear(LoraLinear):
         if not self.__dict__.get(_PRUNED):
             return None
         weight = self.get_base_layer().weight
+        if _is_dtensor(weight):
+            raise RuntimeError(
+                "ShrinkLoraLinear: the base weight is sharded (FSDP2) outside a forward pass; its adapter "
+                "delta is masked by the whole weight, which FSDP2 gathers only during forward. Merge or "
+                "export from an unsharded model holding the full state dict (e.g. "
+                "torch.distributed.checkpoint.state_dict.get_model_state_dict with full_state_dict=True)"
+            )
+        sharded = self.__dict__.get(_SHARDED, False)
         key = (weight.data_ptr(), weight._version, weight.device)
         cached = self.__dict__.get(_CACHE)
-        if cached is not None and cached[0] == key:
+        if not sharded and cached is not None and cached[0] == key:
             return cached[1]
         with torch.no_grad():
             keep = weight != 0
             mask = None if bool(keep.all()) else keep
-        self.__dict__[_CACHE] = (key, mask)
+        if not sharded:
+            self.__dict__[_CACHE] = (key, mask)
         return mask
 
     def _merged_quantization(self) -> bool:
@@ -114,27 +131,29 @@ def adopt(module: nn.Module, *, pruned: bool | None = None, owner: str = "adopt"
     """Make the ``peft.tuners.lora.Linear`` ``module`` a :class:`ShrinkLoraLinear`, in place;
     ``pruned=True`` masks its adapter with its base weight's zeros.
 
+    A base weight sharded by FSDP2 (a ``DTensor``) is supported when FSDP2 gathers it for the forward
+    of the unit holding the LoRA layer (``fully_shard`` on a block around the layer, or on a module
+    above it, as usual): the layer then reads the whole weight, uncached, at every forward.
+
     Raises:
         TypeError: ``module`` is not a peft LoRA ``Linear``.
-        ValueError: its base weight is sharded (an FSDP2 ``DTensor``): the masked or merged delta
-            needs the whole weight on every rank.
     """
     if not isinstance(module, LoraLinear):
         raise TypeError(f"{owner}: {type(module).__name__} is not a peft.tuners.lora.Linear")
     weight = getattr(module.get_base_layer(), "weight", None)
-    if type(weight).__name__ == "DTensor" or type(getattr(weight, "data", None)).__name__ == "DTensor":
-        raise ValueError(
-            f"{owner}: the base weight of a LoRA layer is sharded (FSDP2): masking its adapter by the pruned "
-            "weight, or fake-quantizing the merged weight, needs the whole weight on each rank; this is "
-            "supported in one process and under DDP. Under FSDP2 use "
-            "QuantizationAwareTraining(adapters='base') and no pruning of LoRA base weights"
-        )
     if not isinstance(module, ShrinkLoraLinear):
         module.__class__ = ShrinkLoraLinear
+    if _is_dtensor(weight):
+        module.__dict__[_SHARDED] = True
+        module.__dict__.pop(_CACHE, None)
     if pruned is not None:
         module.__dict__[_PRUNED] = pruned
         module.__dict__.pop(_CACHE, None)
     return module
+
+
+def _is_dtensor(weight: Any) -> bool:
+    return type(weight).__name__ == "DTensor" or type(getattr(weight, "data", None)).__name__ == "DTensor"
 
 
 def masks_delta(module: nn.Module) -> bool:

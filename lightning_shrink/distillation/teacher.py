@@ -131,19 +131,29 @@ def check_not_training(teacher: nn.Module, pl_module: pl.LightningModule, studen
     """Raise if the teacher is still being trained.
 
     "Still training" means any of: the teacher *is* the student (the LightningModule or its inner
-    model); it shares a parameter (the same tensor or the same storage) with the LightningModule,
-    so the student's optimizer would change it; or it is a LightningModule attached to a Trainer
-    that is running ``fit`` right now.
+    model; for a LoRA student also its base model, which holds the adapters and the base weights
+    compression changes in place); it shares a parameter (the same tensor or the same storage) with
+    the LightningModule, so the student's optimizer or compression would change it; or it is a
+    LightningModule attached to a Trainer that is running ``fit`` right now.
     """
+    from lightning_shrink.adapters import has_lora
+
+    lora = (
+        " A LoRA student's base model is the student's own weights (the frozen base under the adapters, "
+        "which pruning and quantization-aware training change in place), not a dense teacher: distil from "
+        "a separate model, e.g. a copy of the base model made before get_peft_model, or a path"
+        if has_lora(pl_module)
+        else ""
+    )
     if teacher is pl_module or teacher is student:
         raise ValueError(
             f"KnowledgeDistillation: the teacher is the student itself ({type(teacher).__name__}); give a "
-            "separate, already trained model as `teacher`"
+            f"separate, already trained model as `teacher`.{lora}"
         )
-    ids: set[int] = set()
+    ids: dict[int, bool] = {}
     storages: set[int] = set()
     for p in pl_module.parameters():
-        ids.add(id(p))
+        ids[id(p)] = p.requires_grad
         if p.numel() and p.device.type != "meta":
             storages.add(_local(p).untyped_storage().data_ptr())
     for name, p in teacher.named_parameters():
@@ -151,10 +161,15 @@ def check_not_training(teacher: nn.Module, pl_module: pl.LightningModule, studen
             p.numel() and p.device.type != "meta" and _local(p).untyped_storage().data_ptr() in storages
         )
         if shared:
+            effect = (
+                "so the student's optimizer would train the teacher"
+                if ids.get(id(p), True)
+                else "a frozen weight of the student, which the student's compression may change in place"
+            )
             raise ValueError(
                 f"KnowledgeDistillation: the teacher ({type(teacher).__name__}) shares its parameter "
-                f"{name!r} with the student ({type(pl_module).__name__}), so the student's optimizer would "
-                "train the teacher; give the teacher as a separate copy (e.g. copy.deepcopy)"
+                f"{name!r} with the student ({type(pl_module).__name__}), {effect}; give the teacher as a "
+                f"separate copy (e.g. copy.deepcopy).{lora}"
             )
     trainer = None
     if isinstance(teacher, pl.LightningModule):

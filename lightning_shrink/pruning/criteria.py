@@ -23,11 +23,15 @@ ranks; the bridge then averages the scores' gradients like every plugin paramete
 statistics and the soft-movement regularizer are updated once per optimizer step in
 ``shrink_before_optimizer_step``, from the final gradient (accumulated, unscaled under AMP, averaged
 over DDP ranks, after other plugins such as differential privacy changed it).
+
+Frozen LoRA base weights (peft) have no gradient of their own: the plugin has autograd compute it for
+the fit (:class:`~lightning_shrink.adapters.gradients.BaseGradients`), and the criteria score the LoRA
+layer's effective weight ``W + M ⊙ s·B·A`` (the merged weight pruning removes entries of) with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -116,19 +120,35 @@ class Criterion:
     name: ClassVar[str] = ""
     #: Whether the scores come from gradients (no scores before the first optimizer step).
     needs_gradients: ClassVar[bool] = False
+    #: Whether :meth:`before_optimizer_step` reads the parameters' gradients.
+    reads_step_gradients: ClassVar[bool] = False
 
     def __init__(self, owner: str, options: Mapping[str, Any]) -> None:
         self.owner = owner
         self.options = dict(options)
         self.names: list[str] = []
         self.params: list[torch.Tensor] = []
+        self._effective: list[Callable[[], torch.Tensor] | None] = []
         #: Optimizer steps whose gradients the criterion has seen (restored on resume).
         self.steps = 0
 
-    def bind(self, names: Sequence[str], params: Sequence[torch.Tensor]) -> None:
-        """Attach to the pruned parameters (``names[i]`` is the qualified name of ``params[i]``)."""
+    def bind(
+        self,
+        names: Sequence[str],
+        params: Sequence[torch.Tensor],
+        effective: Sequence[Callable[[], torch.Tensor] | None] | None = None,
+    ) -> None:
+        """Attach to the pruned parameters (``names[i]`` is the qualified name of ``params[i]``).
+        ``effective[i]``, where given, returns the weight the model computes with in place of
+        ``params[i]`` (a LoRA layer's ``W + M ⊙ s·B·A``), which gradient criteria score."""
         self.names, self.params = list(names), list(params)
+        self._effective = list(effective) if effective is not None else [None] * len(self.params)
         self.steps = 0
+
+    def weight(self, i: int) -> torch.Tensor:
+        """The (detached) weight parameter ``i`` stands for: its effective weight, else itself."""
+        effective = self._effective[i] if i < len(self._effective) else None
+        return effective() if effective is not None else self.params[i].detach()
 
     def param_groups(self) -> list[dict[str, Any]] | None:
         """Optimizer parameter groups of tensors the criterion learns, or ``None``."""
@@ -219,8 +239,13 @@ class Movement(Criterion):
         super().__init__(owner, options)
         self.score_params: list[torch.nn.Parameter] = []
 
-    def bind(self, names: Sequence[str], params: Sequence[torch.Tensor]) -> None:
-        super().bind(names, params)
+    def bind(
+        self,
+        names: Sequence[str],
+        params: Sequence[torch.Tensor],
+        effective: Sequence[Callable[[], torch.Tensor] | None] | None = None,
+    ) -> None:
+        super().bind(names, params, effective)
         self.score_params = [
             torch.nn.Parameter(torch.zeros(p.shape, dtype=torch.float32, device=p.device)) for p in params
         ]
@@ -235,16 +260,17 @@ class Movement(Criterion):
         # The gradient accumulated so far, times the weight the forward used: rewritten (not added)
         # at every micro-batch, the last one of a step leaves W * (sum of the micro-batches' grads).
         with torch.no_grad():
-            for w, s in zip(self.params, self.score_params, strict=True):
-                g = w.grad
+            for i, (p, s) in enumerate(zip(self.params, self.score_params, strict=True)):
+                g = p.grad
                 if g is None:
                     continue
+                w = self.weight(i)
                 if s.grad is None:
-                    s.grad = torch.mul(w.detach(), g).to(torch.float32)
+                    s.grad = torch.mul(w, g).to(torch.float32)
                 elif g.dtype == torch.float32:
-                    torch.mul(w.detach(), g, out=s.grad)
+                    torch.mul(w, g, out=s.grad)
                 else:
-                    s.grad.copy_(w.detach() * g)
+                    s.grad.copy_(w * g)
 
     def before_optimizer_step(self) -> None:
         self.steps += 1
@@ -322,23 +348,31 @@ class Taylor(Criterion):
 
     name = "taylor"
     needs_gradients = True
+    reads_step_gradients = True
 
     def __init__(self, owner: str, options: Mapping[str, Any]) -> None:
         super().__init__(owner, options)
         self.importance: list[torch.Tensor] = []
         self.uncertainty: list[torch.Tensor] = []
 
-    def bind(self, names: Sequence[str], params: Sequence[torch.Tensor]) -> None:
-        super().bind(names, params)
+    def bind(
+        self,
+        names: Sequence[str],
+        params: Sequence[torch.Tensor],
+        effective: Sequence[Callable[[], torch.Tensor] | None] | None = None,
+    ) -> None:
+        super().bind(names, params, effective)
         self.importance = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
         self.uncertainty = [torch.zeros_like(t) for t in self.importance]
 
     def before_optimizer_step(self) -> None:
         beta1, beta2 = float(self.options["beta1"]), float(self.options["beta2"])
         with torch.no_grad():
-            for w, ibar, ubar in zip(self.params, self.importance, self.uncertainty, strict=True):
-                g = w.grad
-                current = (w.detach() * g).abs_().float() if g is not None else torch.zeros_like(ibar)
+            for i, (p, ibar, ubar) in enumerate(
+                zip(self.params, self.importance, self.uncertainty, strict=True)
+            ):
+                g = p.grad
+                current = (self.weight(i) * g).abs_().float() if g is not None else torch.zeros_like(ibar)
                 ibar.mul_(beta1).add_(current, alpha=1.0 - beta1)
                 current.sub_(ibar).abs_()
                 ubar.mul_(beta2).add_(current, alpha=1.0 - beta2)

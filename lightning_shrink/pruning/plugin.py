@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_shrink.adapters import check_supported, mask_lora_deltas
+from lightning_shrink.adapters.gradients import BaseGradients
 from lightning_shrink.hookspecs import hookimpl
 from lightning_shrink.lightning import compat
 from lightning_shrink.lightning.technique import TechniquePlugin
@@ -79,6 +80,9 @@ class PruningPlugin(TechniquePlugin):
         self._replicated_world = 1
         #: The importance criterion (``config.criterion``), bound to the pruned parameters at fit start.
         self.criterion: Criterion = make_criterion(OWNER, config.criterion, config.criterion_options)
+        #: Gradient criteria: the frozen LoRA base weights among the targets, whose gradients are
+        #: computed for the fit.
+        self._base_grads: BaseGradients | None = None
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -92,7 +96,7 @@ class PruningPlugin(TechniquePlugin):
         """Forget the previous fit's selection and schedule."""
         if stage == "fit":
             self.targets, self.params, self.schedule = [], [], None
-            self._restored = None
+            self._restored, self._base_grads = None, None
 
     @hookimpl
     def shrink_configure_model(self, pl_module: pl.LightningModule, stage: str) -> None:
@@ -160,7 +164,10 @@ class PruningPlugin(TechniquePlugin):
                 "parameters (its per-weight scores would be per-shard state that a checkpoint does not "
                 "restore); use criterion='magnitude' under FSDP2, or DDP"
             )
-        criterion.bind([t.name for t in self.targets], params)
+        names = [t.name for t in self.targets]
+        base_grads = BaseGradients(pl_module, names, params) if criterion.needs_gradients else None
+        self._base_grads = base_grads or None
+        criterion.bind(names, params, base_grads.effective() if base_grads else None)
         groups = criterion.param_groups()
         if groups and compat.optimizer_of(trainer) is None:
             raise ValueError(
@@ -207,6 +214,16 @@ class PruningPlugin(TechniquePlugin):
                 f"gradients, but the schedule prunes to {self.schedule.sparsity(0):g} at step 0, before any "
                 "gradient: set `start_step` >= 1 or `initial_sparsity=0`"
             )
+        if self._base_grads is not None:
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            if scaler is not None and self.criterion.reads_step_gradients:
+                raise ValueError(
+                    f"{OWNER} ({self.name!r}): criterion={self.criterion.name!r} on the frozen base weights "
+                    f"of LoRA layers ({self._base_grads.first_layer()!r}, ...) reads gradients that the "
+                    "optimizer does not hold, which the gradient scaler of precision='16-mixed' leaves "
+                    "scaled; use precision='bf16-mixed', criterion='movement' or criterion='magnitude'"
+                )
+            self._base_grads.enable()
         self.keeps = []
         self._active = []
         self._started = False
@@ -291,7 +308,11 @@ class PruningPlugin(TechniquePlugin):
             self._start(trainer)
         if self.config.mask_gradients:
             self._mask_gradients()
+        if self._base_grads is not None and self.criterion.reads_step_gradients:
+            self._base_grads.average()
         self.criterion.before_optimizer_step()
+        if self._base_grads is not None:
+            self._base_grads.release()
 
     def _mask_gradients(self) -> None:
         grads, masks = [], []
@@ -489,6 +510,8 @@ class PruningPlugin(TechniquePlugin):
     def shrink_fit_end(self, trainer: pl.Trainer) -> None:
         """Apply the masks a last time, zero pruned weights' optimizer state; warn when the run ended
         short of the target."""
+        if self._base_grads is not None:
+            self._base_grads.restore()
         if not self._started:
             return
         self._apply()
@@ -501,6 +524,12 @@ class PruningPlugin(TechniquePlugin):
             rank_zero_warn(
                 shortfall_warning(self.name, trainer.global_step, short, self.schedule, self.last_update_step)
             )
+
+    @hookimpl
+    def shrink_teardown(self) -> None:
+        """Freeze again the LoRA base weights whose gradients a gradient criterion read."""
+        if self._base_grads is not None:
+            self._base_grads.restore()
 
     def _shortfall(self) -> list[str]:
         if self.group_specs is not None:

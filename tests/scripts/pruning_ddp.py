@@ -8,6 +8,10 @@ still agree).
 50 % and the MLP at 80 %, saving a checkpoint after every epoch under ``OUT/ckpt``; then the same run
 resumed from the checkpoint after epoch 0.
 
+``python pruning_ddp.py OUT lora``: a tiny Llama with peft LoRA adapters, built in ``configure_model``:
+movement pruning of the attention's and taylor pruning of the MLP's frozen base weights, merged-weight
+QAT and distillation (tests/test_large_models.py ``compressed_fit``).
+
 Each rank writes what it saw to ``OUT/<mode>-rank<k>.pt``.
 """
 
@@ -21,6 +25,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from pruning_models import DeferredClassifier
 from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from test_large_models import compressed_fit
 
 import lightning_shrink
 from lightning_shrink import GradualMagnitudePruning
@@ -91,11 +99,27 @@ def two(out: Path, ckpt: str | None) -> None:
     )
 
 
+def lora(out: Path) -> None:
+    trainer, model, _, pruning = compressed_fit("ddp", devices=2, lora=True, gradients=True)
+    torch.save(
+        {
+            "masks": {n: m for p in pruning for n, m in p.masks.items()},
+            "sparsity": [p.sparsity for p in pruning],
+            "weights": {n: p.detach().clone() for n, p in model.model.named_parameters()},
+            "requires_grad": {n: p.requires_grad for n, p in model.model.named_parameters()},
+            "kl": float(trainer.callback_metrics["distillation/kl"]),
+        },
+        out / f"lora-rank{trainer.global_rank}.pt",
+    )
+
+
 if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
     for mode in sys.argv[2:]:  # several modes in one launch: process start-up is most of the cost
         if mode == "one":
             one(out_dir)
+        elif mode == "lora":
+            lora(out_dir)
         else:
             two(out_dir, None)
             two(out_dir, str(out_dir / "ckpt" / "epoch=0.ckpt"))
