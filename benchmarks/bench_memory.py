@@ -13,15 +13,20 @@ Measured, each size in its own subprocess (peak RSS is a per-process high-water 
 - ``qat``: bytes autograd keeps for backward (every saved tensor's storage, counted once, through
   ``saved_tensors_hooks``) in a forward/backward of batch 2 x 64 tokens, plain and with int8 / int4
   fake quantization, with the fake-quantized weights kept (the previous behaviour) or recomputed;
-- ``fsdp2`` (``--fsdp2``, 20M only by default): real 2-process ``Trainer.fit`` under
-  ``ModelParallelStrategy`` + ``fully_shard`` on CPU gloo, each rank's peak RSS (``VmHWM``) for plain
-  fine-tuning, pruning, int8 QAT and distillation, and each rank's share of the teacher.
+- ``fsdp2`` (``--fsdp2``: at the smallest size run, or at the sizes given, ``--fsdp2 20M,400M``): real
+  2-process ``Trainer.fit`` under ``ModelParallelStrategy`` + ``fully_shard`` on CPU gloo, each rank's
+  peak RSS (``VmHWM``) for plain fine-tuning, pruning, int8 QAT and distillation, and each rank's share
+  of the teacher.
 
 Usage::
 
-    nice -n 10 python benchmarks/bench_memory.py [--sizes 20M,100M] [--fsdp2] [--quick]
+    nice -n 10 python benchmarks/bench_memory.py [--sizes 20M,100M,400M] [--fsdp2 [SIZES]] [--quick]
+        [--out benchmarks/results/memory.json]
 
-Writes ``benchmarks/results/memory.json``.
+Writes ``benchmarks/results/memory.json`` (or ``--out``): the sizes run now replace their earlier
+results, the other sizes' results are kept (each size records the command, date and wall time that
+measured it), and the extrapolation is derived again from the largest size in the file. Prints the
+total wall time.
 """
 
 from __future__ import annotations
@@ -250,7 +255,7 @@ def fsdp2(size: str, tmp: Path) -> dict[str, Any]:
         script = tmp / f"{mode}.py"
         script.write_text(code)
         proc = subprocess.run(
-            [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=1200
+            [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=4 * 3600
         )
         if proc.returncode:
             raise RuntimeError(proc.stderr[-3000:])
@@ -287,8 +292,14 @@ def one_size(size: str, reps: int, with_fsdp2: bool) -> dict[str, Any]:
     if with_fsdp2:
         parts["fsdp2_devices2"] = lambda: _in_tempdir(size)
     for name, part in parts.items():
+        begin = time.perf_counter()
         result[name] = part()
-        print(f"[bench_memory] {size} {name}: {json.dumps(result[name])}", file=sys.stderr, flush=True)
+        seconds = time.perf_counter() - begin
+        print(
+            f"[bench_memory] {size} {name} ({seconds:.0f} s): {json.dumps(result[name])}",
+            file=sys.stderr,
+            flush=True,
+        )
     return result
 
 
@@ -331,42 +342,76 @@ def extrapolation(results: dict[str, Any]) -> dict[str, Any]:
     return table
 
 
+def _fsdp2_sizes(value: str | None, sizes: list[str]) -> list[str]:
+    """The sizes that get the FSDP2 fits: ``--fsdp2`` alone, the smallest size run; ``--fsdp2 A,B``,
+    those."""
+    if value is None:
+        return []
+    if value == "smallest":
+        return [min(sizes, key=lambda s: SIZES[s][0] * SIZES[s][2])]
+    chosen = value.split(",")
+    unknown = [s for s in chosen if s not in sizes]
+    if unknown:
+        raise SystemExit(f"bench_memory: --fsdp2 sizes {unknown} are not among --sizes {sizes}")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", default="20M,100M")
-    parser.add_argument("--fsdp2", action="store_true", help="also the 2-process FSDP2 fits (20M)")
+    parser.add_argument("--sizes", default="20M,100M", help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument(
+        "--fsdp2",
+        nargs="?",
+        const="smallest",
+        help="also the 2-process FSDP2 fits: at the smallest size run, or at the sizes given (20M,400M)",
+    )
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "results" / "memory.json", help="results file (merged into)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     reps = 1 if args.quick else 3
     if args.one:
-        print(json.dumps(one_size(args.one, reps, args.fsdp2)))
+        print(json.dumps(one_size(args.one, reps, args.fsdp2 is not None)))
         return
+    sizes = args.sizes.split(",")
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        raise SystemExit(f"bench_memory: unknown --sizes {unknown}; known: {', '.join(SIZES)}")
+    with_fsdp2 = _fsdp2_sizes(args.fsdp2, sizes)
+    command = "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:])
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    path = args.out
+    # Sizes not run now keep their earlier results (each size says when and how it was measured).
+    earlier = json.loads(path.read_text()) if path.exists() else {}
     results: dict[str, Any] = {}
-    for size in args.sizes.split(","):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--one",
-            size,
-            *(["--fsdp2"] if args.fsdp2 and size == "20M" else []),
-        ]
+    started = time.perf_counter()
+    for size in sizes:
+        cmd = [sys.executable, __file__, "--one", size, *(["--fsdp2"] if size in with_fsdp2 else [])]
         cmd += ["--quick"] if args.quick else []
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        begin = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=6 * 3600)
         if proc.returncode:
-            raise RuntimeError(proc.stderr[-3000:])
+            raise RuntimeError(f"bench_memory: {size} failed (exit {proc.returncode}); see its output above")
         results[size] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[size]["measured"] = {"command": command, "date": date, "wall_s": time.perf_counter() - begin}
         print(size, json.dumps(results[size]), flush=True)
+    for size, result in earlier.get("sizes", {}).items():
+        if size not in results and size in SIZES:
+            result.setdefault("measured", {"command": earlier.get("command"), "date": earlier.get("date")})
+            results[size] = result
+    results = dict(sorted(results.items(), key=lambda item: results[item[0]]["parameters"]))
     out = {
         "benchmark": "memory",
-        "command": "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": command,
+        "date": date,
         "sizes": results,
         "extrapolation_8_gpus": extrapolation(results),
     }
-    path = ROOT / "results" / "memory.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out["extrapolation_8_gpus"], indent=2))
+    print(f"[bench_memory] {','.join(sizes)} done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -157,9 +157,12 @@ def _ties_heavy(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.fl
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "rows"])
 @pytest.mark.parametrize("given_scores", [False, True])
-def test_radix_selection_equals_the_previous_selection(pattern, given_scores, monkeypatch):
-    # Chunks smaller than the parameters: selections that cross chunk boundaries.
+@pytest.mark.parametrize("candidates", [1 << 20, 40, 0])
+def test_radix_selection_equals_the_previous_selection(pattern, given_scores, candidates, monkeypatch):
+    # Chunks smaller than the parameters: selections that cross chunk boundaries; all the candidates
+    # of the threshold's high bin kept, some (the third pass finds them again after the 40th), none.
     monkeypatch.setattr(masks_module, "CHUNK", 96)
+    monkeypatch.setattr(masks_module, "CANDIDATES", candidates)
     parsed = parse_pattern(pattern)
     for seed in range(6):
         shapes = [(12, 16), (8, 32), (20, 8), (4, 4)]
