@@ -244,8 +244,9 @@ RECIPES: dict[str, Recipe] = {
             "embeddings, distillation",
             structured={"heads": 0.5, "neurons": 0.5},
             quantization={},
-            why="structured pruning: the removed heads and neurons make every layer smaller, which "
-            "adds to int8's speed-up",
+            why="the removed heads and neurons make every layer smaller, which adds to int8's speed-up "
+            "(2.2x faster than FP32 on MiniLM's shape, against 1.6x for int8 alone), at a cost in "
+            "accuracy (3.3 points below dense at the accuracy benchmark's full-size budget)",
         ),
         Recipe(
             "int8-kd",
