@@ -535,3 +535,14 @@ def test_dp_refuses_lora_layers_with_a_dense_adapter_path(technique: Any) -> Non
         cpu_trainer(callbacks=[dp, technique()], max_steps=1).fit(
             LoraClassifier(), DataLoader(random_classification_data(64), batch_size=8)
         )
+
+
+def test_dp_with_a_gradient_criterion_on_lora_base_weights_is_refused() -> None:
+    # The base weights' gradients would be plain sums, neither clipped nor noised: refused, whichever
+    # technique notices first.
+    dp = DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp")
+    taylor = GradualMagnitudePruning(target_sparsity=0.5, start_step=1, criterion="taylor")
+    with pytest.raises(ValueError, match=r"compute their adapter as a dense delta|does not clip or noise"):
+        cpu_trainer(callbacks=[dp, taylor], max_steps=2).fit(
+            LoraClassifier(), DataLoader(random_classification_data(64), batch_size=8)
+        )

@@ -167,6 +167,17 @@ class PruningPlugin(TechniquePlugin):
         names = [t.name for t in self.targets]
         base_grads = BaseGradients(pl_module, names, params) if criterion.needs_gradients else None
         self._base_grads = base_grads or None
+        if self._base_grads is not None and self._with_privacy():
+            # The frozen base weights' gradients are plain autograd sums, neither clipped per example
+            # nor noised: masks chosen from them would depend on the private data outside the DP
+            # accounting.
+            raise ValueError(
+                f"{OWNER} ({self.name!r}): criterion={criterion.name!r} on the frozen base weights of LoRA "
+                f"layers ({self._base_grads.first_layer()!r}, ...) reads gradients that DifferentialPrivacy "
+                "does not clip or noise (it privatizes the adapters' gradients only), so the masks would "
+                "leak the training data outside the privacy guarantee; use criterion='magnitude' with "
+                "DifferentialPrivacy and LoRA"
+            )
         criterion.bind(names, params, base_grads.effective() if base_grads else None)
         groups = criterion.param_groups()
         if groups and compat.optimizer_of(trainer) is None:
@@ -524,6 +535,10 @@ class PruningPlugin(TechniquePlugin):
             rank_zero_warn(
                 shortfall_warning(self.name, trainer.global_step, short, self.schedule, self.last_update_step)
             )
+
+    def _with_privacy(self) -> bool:
+        plugins = self.pluginmanager.get_plugins() if self.pluginmanager is not None else ()
+        return any(getattr(type(p), "default_name", None) == "privacy" for p in plugins)
 
     @hookimpl
     def shrink_teardown(self) -> None:
