@@ -55,6 +55,14 @@ class TechniquePlugin:
             return []
         return [p for p in self.pluginmanager.get_plugins() if type(p) is type(self) and p is not self]
 
+    def technique_registered(self, default_name: str) -> bool:
+        """Whether a plugin of the technique ``default_name`` (``"privacy"``, ``"distillation"``, ...)
+        is registered beside this one."""
+        if self.pluginmanager is None:
+            return False
+        plugins = self.pluginmanager.get_plugins()
+        return any(getattr(type(p), "default_name", None) == default_name for p in plugins)
+
 
 class TechniqueCallback(Callback):
     """Base class of the technique callbacks: a validated configuration plus a plugin.

@@ -239,11 +239,10 @@ def check_resumed_configuration(
         )
 
 
-def warn_compositions(pluginmanager: Any) -> None:
-    """Warn about techniques whose combination with DP-SGD the user must judge."""
-    if pluginmanager is None:
-        return
-    if any(getattr(type(p), "default_name", None) == "distillation" for p in pluginmanager.get_plugins()):
+def warn_compositions(plugin: Any) -> None:
+    """Warn about techniques registered beside the privacy ``plugin`` whose combination with DP-SGD
+    the user must judge."""
+    if plugin.technique_registered("distillation"):
         rank_zero_warn(
             f"{_PREFIX} with KnowledgeDistillation: the (epsilon, delta) guarantee covers the student's "
             "training only if the teacher did not see the private training data (or was itself trained with "

@@ -129,7 +129,7 @@ class PrivacyPlugin(TechniquePlugin):
             loss_reduction=self.config.loss_reduction,
         )
         self._guard = StepGuard(self._original)
-        checks.warn_compositions(self.pluginmanager)
+        checks.warn_compositions(self)
         rank_zero_info(
             f"{_PREFIX}: DP-SGD with noise_multiplier={self.noise_multiplier:.4g}, "
             f"max_grad_norm={self.config.max_grad_norm}, sample_rate={self.sample_rate:.4g} "

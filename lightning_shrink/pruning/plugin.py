@@ -167,7 +167,7 @@ class PruningPlugin(TechniquePlugin):
         names = [t.name for t in self.targets]
         base_grads = BaseGradients(pl_module, names, params) if criterion.needs_gradients else None
         self._base_grads = base_grads or None
-        if self._base_grads is not None and self._with_privacy():
+        if self._base_grads is not None and self.technique_registered("privacy"):
             # The frozen base weights' gradients are plain autograd sums, neither clipped per example
             # nor noised: masks chosen from them would depend on the private data outside the DP
             # accounting.
@@ -535,10 +535,6 @@ class PruningPlugin(TechniquePlugin):
             rank_zero_warn(
                 shortfall_warning(self.name, trainer.global_step, short, self.schedule, self.last_update_step)
             )
-
-    def _with_privacy(self) -> bool:
-        plugins = self.pluginmanager.get_plugins() if self.pluginmanager is not None else ()
-        return any(getattr(type(p), "default_name", None) == "privacy" for p in plugins)
 
     @hookimpl
     def shrink_teardown(self) -> None:
