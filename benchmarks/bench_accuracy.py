@@ -120,32 +120,16 @@ def _callbacks(name: str, teacher: torch.nn.Module, frequency: float) -> list[An
         # on it; see docs/pruning.md).
         options = {"score_lr": 1e-2} if "movement" in parts["criterion"] else None
         criterion = {"criterion": parts["criterion"], "criterion_options": options}
+    # scope="layer": a global threshold prunes MiniLM's (untrained, small) pooler to 100 %.
+    schedule = dict(start_step=0.05, end_step=0.7, frequency=frequency, scope="layer", **criterion)
     if parts["sparse"]:
-        # scope="layer": a global threshold prunes MiniLM's (untrained, small) pooler to 100 %.
-        callbacks.append(
-            GradualMagnitudePruning(
-                int(parts["sparse"]) / 100,
-                start_step=0.05,
-                end_step=0.7,
-                frequency=frequency,
-                scope="layer",
-                **criterion,
-            )
-        )
+        callbacks.append(GradualMagnitudePruning(int(parts["sparse"]) / 100, **schedule))
     for kind in ("heads", "neurons"):
         if parts[kind]:
             # Whole attention heads / FFN neurons, removed by `convert` (structured pruning).
+            fraction = int(parts[kind]) / 100
             callbacks.append(
-                GradualMagnitudePruning(
-                    int(parts[kind]) / 100,
-                    pattern=kind,
-                    start_step=0.05,
-                    end_step=0.7,
-                    frequency=frequency,
-                    scope="layer",
-                    name=f"pruning-{kind}",
-                    **criterion,
-                )
+                GradualMagnitudePruning(fraction, pattern=kind, name=f"pruning-{kind}", **schedule)
             )
     if name == "int8_qat":
         callbacks.append(QuantizationAwareTraining(weight_bits=8, activations="dynamic"))
