@@ -589,3 +589,15 @@ def test_an_export_holds_the_lock_of_its_folder_while_it_writes(tmp_path):
             child.kill()
     assert child.returncode == 0, stderr[-3000:]
     assert weight_of(target) == 2.0
+
+
+def test_a_config_that_is_not_json_is_a_value_error_naming_the_file(tmp_path: Path) -> None:
+    from lightning_shrink.serve.model_info import read_model_info
+
+    (tmp_path / CONFIG_NAME).write_text("{not json")
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"load: '.*{CONFIG_NAME}' is not valid JSON: "):
+        ls.load(tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match=r"serve: '.*config\.json' is not valid JSON: "):
+        read_model_info(tmp_path)

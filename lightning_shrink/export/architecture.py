@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_shrink.export.layout import CONFIG_NAME, TRANSFORMERS_CONFIG_NAME
+from lightning_shrink.export.layout import CONFIG_NAME, TRANSFORMERS_CONFIG_NAME, read_json
 from lightning_shrink.export.safe_import import _RefusedImport, _trusted_class
 
 
@@ -122,10 +122,7 @@ def _transformers_builder(
         raise FileNotFoundError(
             f"load: {str(directory)!r} is a transformers export without {TRANSFORMERS_CONFIG_NAME}"
         )
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"load: {str(config_path)!r} is not valid JSON: {exc}") from exc
+    raw = read_json(config_path, "load")
     if not isinstance(raw, dict):
         raise ValueError(f"load: {str(config_path)!r} does not hold a JSON object")
     data = _sanitize_transformers_config(raw, "", config_path)

@@ -1,4 +1,8 @@
-"""The names of an export directory's files and the format it declares."""
+"""The names of an export directory's files, the format it declares, and how its JSON files are read."""
+
+import json
+from pathlib import Path
+from typing import Any
 
 __all__ = [
     "CONFIG_NAME",
@@ -9,6 +13,7 @@ __all__ = [
     "ONNX_NAME",
     "TRANSFORMERS_CONFIG_NAME",
     "WEIGHTS_NAME",
+    "read_json",
 ]
 
 FORMAT = "lightning-shrink"
@@ -21,3 +26,15 @@ FORMATS = ("hf", "native", "onnx")
 #: ``format`` of ``shrink_config.json`` in an ONNX export, and its model file.
 ONNX_FORMAT = "lightning-shrink-onnx"
 ONNX_NAME = "model.onnx"
+
+
+def read_json(path: Path, owner: str) -> Any:
+    """The JSON value in ``path`` (UTF-8).
+
+    Raises:
+        ValueError: the file is not valid JSON (``"<owner>: '<path>' is not valid JSON: ..."``).
+    """
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{owner}: {str(path)!r} is not valid JSON: {exc}") from exc

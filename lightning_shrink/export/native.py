@@ -35,6 +35,7 @@ from lightning_shrink.export.layout import (
     FORMATS,
     ONNX_FORMAT,
     WEIGHTS_NAME,
+    read_json,
 )
 from lightning_shrink.export.safe_import import _imports_guarded, _RefusedImport
 from lightning_shrink.manager import ShrinkPluginManager, get_plugin_manager
@@ -261,10 +262,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
             f"load: {str(path)!r} is not a lightning-shrink export (missing {', '.join(missing)}); "
             "write one with lightning_shrink.export(model, directory)"
         )
-    try:
-        metadata = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"load: {str(config_path)!r} is not valid JSON: {exc}") from exc
+    metadata = read_json(config_path, "load")
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise ValueError(f"load: {str(config_path)!r} is not a lightning-shrink export configuration")
     if metadata.get("format_version") != FORMAT_VERSION:

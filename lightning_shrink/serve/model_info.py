@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_shrink.export.layout import read_json
+
 __all__ = [
     "BACKENDS",
     "CAUSAL_LM",
@@ -122,10 +124,7 @@ def read_model_info(directory: str | os.PathLike[str]) -> ModelInfo:
             f"serve: {str(directory)!r} has no config.json: the endpoint serves exports of transformers "
             "models (sequence classifiers and causal language models)"
         )
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"serve: {str(path)!r} is not valid JSON: {exc}") from exc
+    config = read_json(path, "serve")
     if not isinstance(config, dict):
         raise ValueError(f"serve: {str(path)!r} must hold a JSON object")
     text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
