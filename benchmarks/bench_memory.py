@@ -10,13 +10,20 @@ Measured, each size in its own subprocess (peak RSS is a per-process high-water 
   ``/proc/self/clear_refs``) per weight, including the new boolean masks;
 - ``masks``: persistent bytes per pruned weight, by tensor accounting of the plugin's masks after a
   real fit (the previous code also kept a copy of every mask in the parameter's dtype);
-- ``qat``: bytes autograd keeps for backward (every saved tensor's storage, counted once, through
-  ``saved_tensors_hooks``) in a forward/backward of batch 2 x 64 tokens, plain and with int8 / int4
-  fake quantization, with the fake-quantized weights kept (the previous behaviour) or recomputed;
+- ``qat``: bytes kept alive from forward to backward (every storage autograd saves, seen through
+  ``saved_tensors_hooks``, and every other CPU tensor the garbage collector reaches after forward:
+  what a hook's closure or a cache holds; each storage counted once, parameters excluded) in a
+  forward/backward of batch 2 x 64 tokens, plain and with int8 / int4 fake quantization, with the
+  fake-quantized weights kept (the previous behaviour) or recomputed;
 - ``fsdp2`` (``--fsdp2``: at the smallest size run, or at the sizes given, ``--fsdp2 20M,400M``): real
   2-process ``Trainer.fit`` under ``ModelParallelStrategy`` + ``fully_shard`` on CPU gloo, each rank's
-  peak RSS (``VmHWM``) for plain fine-tuning, pruning, int8 QAT and distillation, and each rank's share
-  of the teacher.
+  peak RSS (``VmHWM``) for plain fine-tuning, pruning, int8 QAT and distillation, each rank's share
+  of the teacher, and, after the fit, the same accounting as ``qat`` per rank (bytes kept from
+  forward to backward beyond plain, per local weight of the decoder's Linear layers): peak RSS is an
+  upper bound that moves by a few hundred MB between identical runs (the allocator's high-water
+  mark), the accounting is exact for what is kept. Every subprocess runs with
+  ``MALLOC_MMAP_THRESHOLD_=131072`` (large tensors mapped and unmapped, not kept in the heap), so
+  that peak RSS follows what is allocated.
 
 Usage::
 
@@ -32,12 +39,14 @@ total wall time.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -170,29 +179,51 @@ def masks(size: str, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
+def kept_bytes(model: torch.nn.Module) -> int:
+    """Bytes kept alive from forward to backward by one forward/backward of batch 2 x 64 tokens: every
+    storage autograd saves (seen through ``saved_tensors_hooks``) and every other CPU tensor the
+    garbage collector reaches after forward (what a hook's closure or a cache holds), each storage
+    counted once, parameters excluded. Under FSDP2 the gathered weights are freed after forward
+    (their storage resized to 0), so what counts is what a rank really holds."""
+    storages: dict[int, int] = {}
+
+    def record(t: torch.Tensor) -> int | None:
+        if hasattr(t, "to_local"):  # a DTensor: its local shard holds the memory
+            t = t.to_local()
+        try:
+            s = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a tensor without storage of its own
+            return None
+        storages[s.data_ptr()] = s.nbytes()
+        return s.data_ptr()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        record(t)
+        return t
+
+    model.train()
+    gc.collect()  # earlier garbage in cycles would count as held
+    ids = torch.randint(0, 32000, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on lazy modules' deprecated attributes
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                record(obj)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    params = {record(p) for p in model.parameters()}
+    return sum(v for k, v in storages.items() if k not in params)
+
+
 def qat(size: str) -> dict[str, Any]:
     from lightning_shrink.quantization import fake_layers
     from lightning_shrink.quantization.config import QuantizationConfig
     from lightning_shrink.quantization.prepare import prepare_qat
 
-    def saved_bytes(model: torch.nn.Module) -> int:
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            s = t.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
-            return t
-
-        ids = torch.randint(0, 32000, (2, 64), generator=torch.Generator().manual_seed(0))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        return sum(v for k, v in storages.items() if k not in params)
-
     out: dict[str, Any] = {}
-    plain = saved_bytes(llama(size))
+    plain = kept_bytes(llama(size))
     out["plain_saved_bytes"] = plain
     for bits, extra in ((8, {}), (4, {"group_size": 32})):
         model = llama(size)
@@ -200,7 +231,7 @@ def qat(size: str) -> dict[str, Any]:
         quantized = sum(m.weight.numel() for m in model.modules() if fake_layers.is_prepared(m))
         for mode, recompute in (("previous", False), ("recomputed", True)):
             fake_layers.RECOMPUTE_IN_BACKWARD = recompute
-            out[f"int{bits}_{mode}_extra_bytes_per_weight"] = (saved_bytes(model) - plain) / quantized
+            out[f"int{bits}_{mode}_extra_bytes_per_weight"] = (kept_bytes(model) - plain) / quantized
         fake_layers.RECOMPUTE_IN_BACKWARD = True
     return out
 
@@ -212,7 +243,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 import lightning_shrink as ls
 from lightning_shrink.testing.models import cpu_trainer
 from test_large_models import LlamaModule, Tokens
-from bench_memory import llama, _status
+from bench_memory import kept_bytes, llama, _status
 size, mode = {size!r}, {mode!r}
 class Module(LlamaModule):
     def configure_model(self):
@@ -232,8 +263,13 @@ callbacks = {{"plain": [],
 strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 trainer = cpu_trainer(callbacks=callbacks, strategy=strategy,
     devices=2, max_steps=2, use_distributed_sampler=False)
-trainer.fit(Module(), torch.utils.data.DataLoader(Tokens(n=4, length=64), batch_size=2))
-result = {{"peak_rss_bytes": _status("VmHWM")}}
+module = Module()
+trainer.fit(module, torch.utils.data.DataLoader(Tokens(n=4, length=64), batch_size=2))
+from lightning_shrink.quantization.fake_layers import is_prepared
+result = {{"peak_rss_bytes": _status("VmHWM"), "kept_bytes": kept_bytes(module.model),
+    "prepared_layers": sum(is_prepared(m) for m in module.model.modules()),
+    "local_linear_weights": sum((p.to_local() if hasattr(p, "to_local") else p).numel()
+        for n, p in module.model.named_parameters() if n.endswith("proj.weight"))}}
 if teacher is not None:
     result["teacher_local_bytes"] = sum(
         (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
@@ -247,7 +283,14 @@ with open(os.path.join({out!r}, f"{{mode}}_rank{{trainer.global_rank}}.json"), "
 def fsdp2(size: str, tmp: Path) -> dict[str, Any]:
     tmp.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {}
-    env = {**os.environ, "PYTHONPATH": str(ROOT.parent), "OMP_NUM_THREADS": "1"}
+    # Large tensors mapped and unmapped rather than kept in the heap (glibc's dynamic threshold would
+    # otherwise move them into it after the first frees): peak RSS then follows what is allocated.
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT.parent),
+        "OMP_NUM_THREADS": "1",
+        "MALLOC_MMAP_THRESHOLD_": "131072",
+    }
     for mode in ("plain", "pruning", "qat_int8", "distillation"):
         code = FSDP2_SCRIPT.format(
             tests=str(ROOT.parent / "tests"), bench=str(ROOT), size=size, mode=mode, out=str(tmp)
@@ -260,7 +303,12 @@ def fsdp2(size: str, tmp: Path) -> dict[str, Any]:
         if proc.returncode:
             raise RuntimeError(proc.stderr[-3000:])
         ranks = [json.loads((tmp / f"{mode}_rank{r}.json").read_text()) for r in range(2)]
-        out[mode] = {"peak_rss_GiB_per_rank": max(r["peak_rss_bytes"] for r in ranks) / GiB}
+        out[mode] = {
+            "peak_rss_GiB_per_rank": max(r["peak_rss_bytes"] for r in ranks) / GiB,
+            "kept_bytes_per_rank": max(r["kept_bytes"] for r in ranks),
+            "prepared_layers": ranks[0]["prepared_layers"],
+        }
+        local_linear = max(r["local_linear_weights"] for r in ranks)
         if mode == "distillation":
             out[mode]["teacher_share_of_full"] = (
                 max(r["teacher_local_bytes"] for r in ranks) / ranks[0]["teacher_bytes"]
@@ -269,6 +317,11 @@ def fsdp2(size: str, tmp: Path) -> dict[str, Any]:
         out[mode]["extra_GiB_per_rank_vs_plain"] = (
             out[mode]["peak_rss_GiB_per_rank"] - out["plain"]["peak_rss_GiB_per_rank"]
         )
+        # by accounting: what a rank keeps from forward to backward, beyond plain, per local weight of
+        # the decoder's Linear layers (the ones QAT prepares)
+        out[mode]["kept_extra_bytes_per_local_linear_weight"] = (
+            out[mode]["kept_bytes_per_rank"] - out["plain"]["kept_bytes_per_rank"]
+        ) / local_linear
     return out
 
 
@@ -309,6 +362,13 @@ def extrapolation(results: dict[str, Any]) -> dict[str, Any]:
     largest = results[max(results, key=lambda s: results[s]["parameters"])]
     sel = largest["selection"]
     q = largest["qat"]
+    # QAT: the larger of the one-process and the per-rank FSDP2 accounting (bytes kept per weight), and
+    # the FSDP2 peak-RSS extra per local weight (float32 run) as an upper bound
+    fsdp2 = largest.get("fsdp2_devices2", {}).get("qat_int8", {})
+    kept_fsdp2 = fsdp2.get("kept_extra_bytes_per_local_linear_weight", 0.0)
+    qat_bytes = max(0.0, q["int8_recomputed_extra_bytes_per_weight"], kept_fsdp2)
+    rss = fsdp2.get("extra_GiB_per_rank_vs_plain")
+    qat_rss_bytes = None if rss is None else max(0.0, rss * GiB / (largest["parameters"] / 2))
     table = {}
     for name, params in (("7B", 6.74e9), ("70B", 69.0e9)):
         local = params / 8
@@ -319,7 +379,8 @@ def extrapolation(results: dict[str, Any]) -> dict[str, Any]:
             "pruning_transient_GB": sel["radix"]["transient_bytes_per_weight"] * local / 1e9,
             "pruning_transient_previous_GB": sel["previous"]["transient_bytes_per_weight"] * local / 1e9,
             # previous: each layer's fake-quantized copy (unsharded, bf16) held until backward
-            "qat_GB": max(0.0, q["int8_recomputed_extra_bytes_per_weight"] / 2) * 2 * local / 1e9,
+            "qat_GB": qat_bytes * local / 1e9,
+            "qat_rss_upper_GB": None if qat_rss_bytes is None else qat_rss_bytes * local / 1e9,
             "qat_previous_GB": 2 * params / 1e9,
             "teacher_GB": 2 * local / 1e9,
             "teacher_previous_GB": 2 * params / 1e9,
@@ -331,6 +392,14 @@ def extrapolation(results: dict[str, Any]) -> dict[str, Any]:
             + row["qat_GB"]
             + row["teacher_GB"]
         ) < 80
+        if row["qat_rss_upper_GB"] is not None:
+            row["all_fit_80GB_with_qat_rss"] = (
+                row["lora_base_bf16_GB"]
+                + row["pruning_persistent_GB"]
+                + row["pruning_transient_GB"]
+                + row["qat_rss_upper_GB"]
+                + row["teacher_GB"]
+            ) < 80
         row["all_previous_fit_80GB"] = (
             row["lora_base_bf16_GB"]
             + row["pruning_persistent_previous_GB"]

@@ -259,6 +259,32 @@ def test_fake_quant_recomputes_its_weight_in_backward_with_identical_gradients(k
     assert kept_saved - recomputed_saved >= weight_bytes
 
 
+def test_fake_quant_copies_are_freed_after_forward(monkeypatch):
+    """No fake-quantized weight is alive between forward and backward: not saved by autograd, and not
+    held by anything else (the saved-tensor hooks stay with the graph, so a hook that closed over the
+    copy would keep every layer's copy alive until backward, which no saved-tensor count shows)."""
+    import weakref
+
+    from lightning_shrink.quantization import fake_layers
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    for layer in (model[0], model[2]):
+        _prepared(layer, activations=None)
+    alive: list[weakref.ref] = []
+    quantize = fake_layers._FakeQuantMixin._quantize
+
+    def recorded(self, weight):
+        out = quantize(self, weight)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(fake_layers._FakeQuantMixin, "_quantize", recorded)
+    loss = model(torch.randn(4, 32)).pow(2).sum()
+    assert len(alive) == 2 and all(ref() is None for ref in alive)
+    loss.backward()  # recomputes them
+    assert len(alive) > 2 and model[0].weight.grad is not None
+
+
 def test_fake_quant_refuses_a_weight_changed_between_forward_and_backward():
     layer = _prepared(torch.nn.Linear(8, 4))
     out = layer(torch.randn(2, 8, requires_grad=True))

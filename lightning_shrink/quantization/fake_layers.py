@@ -11,8 +11,10 @@ weight, and autograd would hold one per layer from forward to backward, cancelli
 after forward. The layer's operation runs under ``saved_tensors_hooks`` that store, instead of it,
 what recomputes it in backward from the original weight (which FSDP2 gathers again for backward
 anyway); autograd's own backward of the layer then runs on identical values, so the gradients are
-bitwise those of keeping the copy. Under ``torch.func`` transforms (per-example gradients), which do
-not allow such hooks, the copy is kept.
+bitwise those of keeping the copy. The hooks stay with the graph until backward, so they hold only
+what identifies the copy, never the copy itself (:func:`recompute_in_backward`; the LoRA layers of
+:mod:`lightning_shrink.adapters.lora_layer` use it for their weight-sized deltas too). Under
+``torch.func`` transforms (per-example gradients), which do not allow such hooks, the copy is kept.
 
 Every prepared layer holds the :class:`~lightning_shrink.quantization.config.LayerSettings` of the
 plugin that prepared it as ``layer.shrink_qat`` (its arithmetic, its owner, the on/off switches).
@@ -68,24 +70,62 @@ RECOMPUTE_IN_BACKWARD = True
 
 
 class _Recompute:
-    """What is saved for backward in place of a view of a fake-quantized weight."""
+    """What is saved for backward in place of a view of a tensor that ``recompute()`` makes again
+    (a fake-quantized weight): the view's geometry, and the versions of the tensors it is made from."""
 
-    __slots__ = ("layer", "offset", "size", "stride", "version", "weight")
+    __slots__ = ("inputs", "offset", "owner", "recompute", "size", "stride", "versions")
 
-    def __init__(self, layer: _FakeQuantMixin, weight: torch.Tensor, view: torch.Tensor) -> None:
-        self.layer, self.weight, self.version = layer, weight, weight._version
+    def __init__(
+        self,
+        owner: str,
+        recompute: Callable[[], torch.Tensor],
+        inputs: tuple[torch.Tensor, ...],
+        view: torch.Tensor,
+    ) -> None:
+        self.owner, self.recompute, self.inputs = owner, recompute, inputs
+        self.versions = tuple(t._version for t in inputs)
         self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
 
     def unpack(self) -> torch.Tensor:
-        if self.weight._version != self.version:
+        if any(t._version != v for t, v in zip(self.inputs, self.versions, strict=True)):
             raise RuntimeError(
-                f"{type(self.layer).__name__}: its weight was modified in place between forward and "
-                "backward; the fake-quantized weight recomputed for backward would differ from the one "
-                "forward used"
+                f"{self.owner}: its weight was modified in place between forward and backward; the "
+                "fake-quantized weight recomputed for backward would differ from the one forward used"
             )
         with torch.no_grad():
-            q = self.layer._quantize(self.weight.detach())
+            q = self.recompute()
         return q.as_strided(self.size, self.stride, self.offset)
+
+
+def recompute_in_backward(
+    owner: str,
+    value: torch.Tensor,
+    recompute: Callable[[], torch.Tensor],
+    inputs: tuple[torch.Tensor, ...],
+    compute: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``compute(value)``, where whatever autograd would save of ``value`` (a new tensor as large as a
+    weight) is replaced by a record that calls ``recompute()`` (under ``no_grad``, bitwise ``value``
+    again) in backward; ``inputs`` are the tensors ``value`` is made from, checked unchanged then.
+
+    The hooks live as long as the graph (autograd keeps them with what they saved): they hold only
+    what identifies ``value``, never ``value`` itself, so nothing keeps it alive after ``compute``.
+    Under ``torch.func`` transforms, which do not allow such hooks, ``value`` is kept as usual.
+    """
+    if not RECOMPUTE_IN_BACKWARD or torch._C._are_functorch_transforms_active():
+        return compute(value)
+    storage, dtype = value.untyped_storage().data_ptr(), value.dtype
+
+    def pack(t: torch.Tensor) -> Any:
+        if t.untyped_storage().data_ptr() == storage and t.dtype == dtype:
+            return _Recompute(owner, recompute, inputs, t)
+        return t
+
+    def unpack(saved: Any) -> torch.Tensor:
+        return saved.unpack() if isinstance(saved, _Recompute) else saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return compute(value)
 
 
 class _FakeQuantMixin:
@@ -119,26 +159,15 @@ class _FakeQuantMixin:
         """``compute(fake-quantized weight)``, with the fake-quantized weight recomputed in backward
         rather than kept (see the module docs)."""
         weight = self.weight
-        if (
-            not RECOMPUTE_IN_BACKWARD
-            or not self.shrink_qat.fake_quant_enabled
-            or not (torch.is_grad_enabled() and weight.requires_grad)
-            or torch._C._are_functorch_transforms_active()
-        ):
+        if not (self.shrink_qat.fake_quant_enabled and torch.is_grad_enabled() and weight.requires_grad):
             return compute(self._fake_weight())
-        fake = self._quantize(weight)
-        storage = fake.untyped_storage().data_ptr()
-
-        def pack(t: torch.Tensor) -> Any:
-            if t.untyped_storage().data_ptr() == storage and t.dtype == fake.dtype:
-                return _Recompute(self, weight, t)
-            return t
-
-        def unpack(saved: Any) -> torch.Tensor:
-            return saved.unpack() if isinstance(saved, _Recompute) else saved
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            return compute(fake)
+        return recompute_in_backward(
+            type(self).__name__,
+            self._quantize(weight),
+            lambda: self._quantize(weight.detach()),
+            (weight,),
+            compute,
+        )
 
     def _fake_input(self, x: torch.Tensor) -> torch.Tensor:
         s = self.shrink_qat
