@@ -310,6 +310,50 @@ def test_qat_with_lora_converts_exports_and_loads_in_both_forms(
             torch.testing.assert_close(loaded_lora[name], value)
 
 
+@pytest.mark.parametrize("merged_qat", [False, True], ids=["masked-delta", "merged-qat"])
+def test_weight_sized_lora_tensors_are_recomputed_in_backward(merged_qat: bool, monkeypatch: Any) -> None:
+    """The masked delta M ⊙ s·B·A and the fake-quantized merged weight (each the size of the base
+    weight) are not kept from forward to backward (under FSDP2 a copy per layer would cancel the
+    resharding): they are made again in backward, and the gradients are bitwise those of keeping them."""
+    import weakref
+
+    from lightning_shrink.adapters import lora_layer
+    from lightning_shrink.quantization import fake_layers
+
+    if merged_qat:
+        model = _train_qat("llama", "merged")
+    else:
+        model = lora_model("llama", dropout=0.1)
+        pruning = GradualMagnitudePruning(target_sparsity=0.5, scope="layer", frequency=1, end_step=2)
+        trainer = cpu_trainer(callbacks=[pruning], max_steps=3)
+        trainer.fit(TinyTransformerClassifier(model), token_dataloader())
+    recompute = lora_layer.recompute_in_backward
+    alive: list[weakref.ref] = []
+
+    def recorded(owner: str, value: torch.Tensor, *args: Any) -> torch.Tensor:
+        alive.append(weakref.ref(value))
+        return recompute(owner, value, *args)
+
+    monkeypatch.setattr(lora_layer, "recompute_in_backward", recorded)
+    grads = {}
+    for kept in (True, False):
+        monkeypatch.setattr(fake_layers, "RECOMPUTE_IN_BACKWARD", not kept)
+        model.zero_grad(set_to_none=True)
+        model.train()
+        alive.clear()
+        torch.manual_seed(3)  # the same dropout masks
+        loss = model(**BATCH).loss
+        # 3 target modules x 2 layers; merged: the merged weight and the dropout term's delta
+        assert len(alive) == (12 if merged_qat else 6)
+        held = sum(ref() is not None for ref in alive)
+        assert held == 0 if not kept else held > 0
+        loss.backward()
+        grads[kept] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for name, kept_grad in grads[True].items():
+        assert torch.equal(kept_grad, grads[False][name]), name
+
+
 def test_qat_merged_simulates_the_merged_int8_weight() -> None:
     """A model trained with adapters='merged' computes fq(W + s·B·A): exporting its base and
     adapters instead (or the reverse) is refused, and the two simulations differ."""

@@ -26,6 +26,7 @@ model first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from torch import nn
 
-from lightning_shrink.quantization.fake_layers import is_prepared
+from lightning_shrink.quantization.fake_layers import is_prepared, recompute_in_backward
 from lightning_shrink.quantization.fake_quant import fake_quantize_weight
 
 __all__ = ["ShrinkLoraLinear", "adopt", "dense_adapter_path", "masks_delta"]
@@ -80,7 +81,9 @@ class ShrinkLoraLinear(LoraLinear):
         """``s·B·A`` of ``adapter``, zero where the base weight is pruned."""
         delta = super().get_delta_weight(adapter)
         mask = self._mask()
-        return delta if mask is None else delta * mask.to(delta.dtype)
+        # ``where`` keeps only the bool mask for backward (``delta * mask.float()`` would save a float
+        # copy of it: 4 bytes per weight per layer until backward).
+        return delta if mask is None else torch.where(mask, delta, delta.new_zeros(()))
 
     def _active(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.lora_A]
@@ -102,28 +105,69 @@ class ShrinkLoraLinear(LoraLinear):
             return self._merged_forward(x)
         result = self.base_layer(x, *args, **kwargs)
         for adapter in self._active():
-            xa = self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype)
-            delta = self.get_delta_weight(adapter)
-            result = result + F.linear(self.lora_dropout[adapter](xa), delta).to(result.dtype)
+            xa = self.lora_dropout[adapter](self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype))
+            delta = self._recomputed(
+                self.get_delta_weight(adapter),
+                lambda adapter=adapter: self.get_delta_weight(adapter),
+                lambda d, xa=xa: F.linear(xa, d),
+            )
+            result = result + delta.to(result.dtype)
         return result
+
+    def _inputs(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the (merged) delta is made from."""
+        names = self._active()
+        return (
+            self.get_base_layer().weight,
+            *(m[a].weight for a in names for m in (self.lora_A, self.lora_B)),
+        )
+
+    def _recomputed(
+        self,
+        value: torch.Tensor,
+        recompute: Callable[[], torch.Tensor],
+        compute: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """``compute(value)`` with ``value`` (a weight-sized delta or merged weight) made again by
+        ``recompute`` in backward instead of kept from forward (see
+        :func:`~lightning_shrink.quantization.fake_layers.recompute_in_backward`): under FSDP2 a copy per
+        layer kept from forward to backward would cancel the resharding."""
+        if not (torch.is_grad_enabled() and value.requires_grad):
+            return compute(value)
+        return recompute_in_backward(type(self).__name__, value, recompute, self._inputs(), compute)
+
+    def _merged_weight(self, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``W + Σ M ⊙ s·B·A``, fake-quantized when the base layer's fake quantization is on."""
+        base = self.get_base_layer()
+        weight = base.weight + sum(d.to(base.weight.dtype) for d in deltas.values())
+        if base.shrink_qat.fake_quant_enabled:
+            weight = fake_quantize_weight(weight, base.weight_axis, base._weight_bits(), base._group_size())
+        return weight
 
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ fq(W + Σ M ⊙ s·B·A)ᵀ`` (what the merged int8 model computes), plus the adapters'
         dropout: ``(dropout(x) - x) @ (M ⊙ s·B·A)ᵀ``, zero in eval mode."""
         base = self.get_base_layer()
-        deltas = {a: self.get_delta_weight(a) for a in self._active()}
-        weight = base.weight + sum(d.to(base.weight.dtype) for d in deltas.values())
-        settings = base.shrink_qat
-        if settings.fake_quant_enabled:
-            weight = fake_quantize_weight(weight, base.weight_axis, base._weight_bits(), base._group_size())
-        result = F.linear(base._fake_input(x), weight, base.bias)
+        active = self._active()
+        deltas = {a: self.get_delta_weight(a) for a in active}
+        xq = base._fake_input(x)
+        result = self._recomputed(
+            self._merged_weight(deltas),
+            lambda: self._merged_weight({a: self.get_delta_weight(a) for a in active}),
+            lambda w: F.linear(xq, w, base.bias),
+        )
         if self.training:
             for adapter, delta in deltas.items():
                 dropout = self.lora_dropout[adapter]
                 if isinstance(dropout, nn.Identity):
                     continue
                 xa = self._cast_input_dtype(x, delta.dtype)
-                result = result + F.linear(dropout(xa) - xa, delta).to(result.dtype)
+                xd = dropout(xa) - xa
+                result = result + self._recomputed(
+                    delta,
+                    lambda adapter=adapter: self.get_delta_weight(adapter),
+                    lambda d, xd=xd: F.linear(xd, d),
+                ).to(result.dtype)
         return result
 
 
