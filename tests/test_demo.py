@@ -238,8 +238,9 @@ def test_demo_smoke_end_to_end(tmp_path, capsys, recwarn):
     # Without progress bars, every fine-tune still reports its steps as it goes.
     assert "teacher: step 4/4, loss " in printed and "student: step 6/6, loss " in printed
     assert "split by movie (no movie on both sides)" in printed
-    # It ends with the command that serves its export.
-    assert printed.rstrip().splitlines()[-2] == f"Serve it: lightning-shrink serve {out / 'model'}"
+    # It ends with the command that serves its Hugging Face-native export (with the tokenizer: text in).
+    assert printed.rstrip().splitlines()[-2] == f"Serve it: lightning-shrink serve {out / 'model-hf'}"
+    assert '{"text": ["a gripping film"]}' in printed.rstrip().splitlines()[-1]
     # The run says which recipe it chose, and why.
     assert "recipe sparse50-int8-kd: 50% unstructured pruning (magnitude) + int8 layers" in printed
     assert "chosen for the smoke preset: " in printed
@@ -257,9 +258,17 @@ def test_demo_smoke_end_to_end(tmp_path, capsys, recwarn):
     table = layers["bert.embeddings.word_embeddings"]
     assert table["config"]["weight_bits"] == 4 and "int4_shape" in table  # packed int4 embeddings
     assert results["latency_ms_batch1"]["dense"] > 0 and results["latency_ms_batch1"]["compressed"] > 0
+    # model-hf/ is what transformers reads: the same int8 model, compressed-tensors layout, reloaded
+    hf_config = json.loads((out / "model-hf" / "config.json").read_text())
+    assert hf_config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert results["hf_export"]["reloaded_accuracy"] == pytest.approx(results["accuracy"]["compressed"])
+    assert "`model-hf/` (the same model Hugging Face-native" in printed
     for name in (
         "model/model.safetensors",
         "model/shrink_config.json",
+        "model/tokenizer_config.json",
+        "model-hf/model.safetensors",
+        "model-hf/tokenizer_config.json",
         "dense/model.safetensors",
         "summary.md",
     ):
@@ -283,7 +292,7 @@ def test_demo_smoke_end_to_end(tmp_path, capsys, recwarn):
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert stderr == ""
-    assert stdout == (out / "summary.md").read_text() + "\n" + serve_hint(out / "model") + "\n"
+    assert stdout == (out / "summary.md").read_text() + "\n" + serve_hint(out / "model-hf") + "\n"
     assert not (out / "stale.txt").exists()
     rerun = json.loads((out / "results.json").read_text())
     assert rerun["techniques"] == ["pruning"]

@@ -101,7 +101,7 @@ def run_demo_command(args: Sequence[str]) -> int:
     bad input, before anything is written."""
     from lightning_shrink.demo import DataError, DemoError, run_demo
     from lightning_shrink.demo.config import check_option
-    from lightning_shrink.demo.summary import serve_hint, summary_markdown
+    from lightning_shrink.demo.summary import serve_hint, served_directory, summary_markdown
 
     parser = demo_parser()
     ns = parser.parse_args(args)
@@ -136,5 +136,5 @@ def run_demo_command(args: Sequence[str]) -> int:
         parser.exit(2, f"lightning-shrink demo: error: {exc}\n")
     if ns.quiet:
         print(summary_markdown(results))
-        print(serve_hint(Path(ns.output_dir).expanduser().resolve() / "model"))
+        print(serve_hint(served_directory(Path(ns.output_dir).expanduser().resolve(), results)))
     return 0

@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -53,7 +54,13 @@ from lightning_shrink.demo.measure import (
 )
 from lightning_shrink.demo.model import SequenceClassifier, load_backbone, load_tokenizer
 from lightning_shrink.demo.recipe import Recipe, compression_callbacks
-from lightning_shrink.demo.summary import describe_data, report_rows, serve_hint, summary_markdown
+from lightning_shrink.demo.summary import (
+    describe_data,
+    report_rows,
+    serve_hint,
+    served_directory,
+    summary_markdown,
+)
 from lightning_shrink.export.atomic import staged_directory
 
 __all__ = ["run_demo"]
@@ -151,8 +158,30 @@ def run_demo(
     if verbose:
         print()
         print((output / "summary.md").read_text())
-        print(serve_hint(output / "model"))
+        print(serve_hint(served_directory(output, results)))
     return results
+
+
+def _export_hf(
+    model: torch.nn.Module, directory: Path, tokenizer: Any, test_loader: Any, say: Callable[[str], None]
+) -> tuple[Path | None, int | None, float | None]:
+    """Also write the Hugging Face-native directory (compressed-tensors: what
+    ``AutoModelForSequenceClassification.from_pretrained`` and vLLM read), reload it and check its
+    accuracy; ``(None, None, None)``, said, when the model is one the format cannot express (heads or
+    neurons removed: ``config.json`` holds one size for every layer)."""
+    import lightning_shrink
+    from lightning_shrink.export.hf import find_transformers_model, hf_unsupported
+
+    found = find_transformers_model(model)
+    reason = hf_unsupported(found[1], default=False) if found is not None else "not a transformers model"
+    if reason is not None:
+        say(f"not writing {directory.name}/ (Hugging Face-native): {reason}")
+        return None, None, None
+    say(f"exporting to {directory.name}/ (Hugging Face-native: transformers' from_pretrained, vLLM)")
+    lightning_shrink.export(model, directory, format="hf", tokenizer=tokenizer)
+    accuracy = evaluate_accuracy(lightning_shrink.load(directory), test_loader)
+    say(f"  reloaded {directory.name}/ test accuracy {accuracy:.2%}")
+    return directory, directory_size(directory), accuracy
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
@@ -307,13 +336,17 @@ def _run(
         model = lightning_shrink.convert(model)
     export_dir = out / "model"
     say(f"exporting to {export_dir.name}/")
-    lightning_shrink.export(model, export_dir)
+    with warnings.catch_warnings():
+        # the default format's fallback to native (int4 tables) is what this step wants: the smallest
+        warnings.filterwarnings("ignore", message="export: writing the native", category=UserWarning)
+        lightning_shrink.export(model, export_dir, tokenizer=tokenizer)
     export_size = directory_size(export_dir)
     compressed_acc = evaluate_accuracy(model, test_loader)
     say(f"  converted model test accuracy {compressed_acc:.2%}")
     say("reloading the export and checking it")
     reloaded_acc = evaluate_accuracy(lightning_shrink.load(export_dir), test_loader)
     say(f"  reloaded export test accuracy {reloaded_acc:.2%}")
+    hf_dir, hf_size, hf_acc = _export_hf(model, out / "model-hf", tokenizer, test_loader, say)
 
     # 4. Latency at batch 1 on CPU, interleaved.
     say(f"measuring CPU batch-1 latency ({cfg.latency_repetitions} interleaved repetitions)")
@@ -343,6 +376,11 @@ def _run(
             "fp32_checkpoint": dense_size,
             "export": export_size,
             "ratio": dense_size / max(export_size, 1),
+            "export_hf": hf_size,
+        },
+        "hf_export": {
+            "directory": hf_dir.name if hf_dir is not None else None,
+            "reloaded_accuracy": hf_acc,
         },
         "latency_ms_batch1": {**latency, "speedup": latency["dense"] / latency["compressed"]},
         "timings_s": timings,

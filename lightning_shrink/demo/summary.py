@@ -8,7 +8,7 @@ from typing import Any
 
 from lightning_shrink.types import ReportRow
 
-__all__ = ["describe_data", "relative", "report_rows", "serve_hint", "summary_markdown"]
+__all__ = ["describe_data", "relative", "report_rows", "serve_hint", "served_directory", "summary_markdown"]
 
 
 def relative(ratio: float, more: str, less: str) -> str:
@@ -49,11 +49,23 @@ def summary_markdown(results: dict[str, Any]) -> str:
         f"| CPU batch-1 latency | {lat['dense']:.1f} ms | {lat['compressed']:.1f} ms "
         f"| {relative(lat['speedup'], 'faster', 'slower')} |",
         "",
-        "Files: `model/` (the export, `lightning_shrink.load`), `dense/model.safetensors` (FP32 teacher), "
-        "`report/` (table, JSON, plot), `logs/` (CSV metrics), `results.json`.",
+        "Files: `model/` (the export, `lightning_shrink.load`), "
+        + (
+            f"`model-hf/` (the same model Hugging Face-native, {size['export_hf'] / 1e6:.1f} MB: "
+            "transformers' `from_pretrained` with compressed-tensors, vLLM), "
+            if size.get("export_hf")
+            else ""
+        )
+        + "`dense/model.safetensors` (FP32 teacher), `report/` (table, JSON, plot), `logs/` (CSV metrics), "
+        "`results.json`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def served_directory(output_dir: Path, results: dict[str, Any]) -> Path:
+    """The export the demo's serve command names: the Hugging Face-native one when it was written."""
+    return output_dir / (results.get("hf_export", {}).get("directory") or "model")
 
 
 def serve_hint(export_dir: Path) -> str:
