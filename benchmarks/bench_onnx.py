@@ -160,7 +160,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     latency = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     results = {
-        "command": "nice -n 10 python benchmarks/bench_onnx.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/bench_onnx.py", *sys.argv[1:]]),
         "args": vars(args),
         "machine": machine_info(),
         "onnxruntime": __import__("onnxruntime").__version__,
