@@ -270,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         # The goal's number: the faster way of serving the compressed model, over the dense export.
         "throughput_ratio_compressed_over_dense": ratios[f"{best}_over_dense"] if best else None,
         "machine": machine_info(),
+        "command": " ".join(["python benchmarks/bench_serving.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     out = ROOT / "results" / "serving.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
