@@ -352,6 +352,15 @@ def test_weight_sized_lora_tensors_are_recomputed_in_backward(merged_qat: bool, 
     assert grads[True].keys() == grads[False].keys() and grads[True]
     for name, kept_grad in grads[True].items():
         assert torch.equal(kept_grad, grads[False][name]), name
+    # a base weight changed in place between forward and backward would make the recomputation differ
+    # (autograd itself guards the adapters, which its products save)
+    loss = model(**BATCH).loss
+    with torch.no_grad():
+        list(base_layers(model).values())[-1].weight.mul_(2.0)  # a layer whose input needs a gradient
+    # (merged: the dropout term's delta comes last in forward, so it is the first recomputed)
+    what = "(merged weight|masked adapter delta)" if merged_qat else "masked adapter delta"
+    with pytest.raises(RuntimeError, match=f"modified in place between forward and backward; the {what}"):
+        loss.backward()
 
 
 def test_qat_merged_simulates_the_merged_int8_weight() -> None:

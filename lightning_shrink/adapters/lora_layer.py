@@ -127,14 +127,15 @@ class ShrinkLoraLinear(LoraLinear):
         value: torch.Tensor,
         recompute: Callable[[], torch.Tensor],
         compute: Callable[[torch.Tensor], torch.Tensor],
+        what: str = "masked adapter delta",
     ) -> torch.Tensor:
-        """``compute(value)`` with ``value`` (a weight-sized delta or merged weight) made again by
-        ``recompute`` in backward instead of kept from forward (see
+        """``compute(value)`` with ``value`` (a weight-sized delta or merged weight, named ``what``) made
+        again by ``recompute`` in backward instead of kept from forward (see
         :func:`~lightning_shrink.quantization.fake_layers.recompute_in_backward`): under FSDP2 a copy per
         layer kept from forward to backward would cancel the resharding."""
         if not (torch.is_grad_enabled() and value.requires_grad):
             return compute(value)
-        return recompute_in_backward(type(self).__name__, value, recompute, self._inputs(), compute)
+        return recompute_in_backward(type(self).__name__, value, recompute, self._inputs(), compute, what)
 
     def _merged_weight(self, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
         """``W + Σ M ⊙ s·B·A``, fake-quantized when the base layer's fake quantization is on."""
@@ -155,6 +156,7 @@ class ShrinkLoraLinear(LoraLinear):
             self._merged_weight(deltas),
             lambda: self._merged_weight({a: self.get_delta_weight(a) for a in active}),
             lambda w: F.linear(xq, w, base.bias),
+            "merged weight",
         )
         if self.training:
             for adapter, delta in deltas.items():

@@ -73,16 +73,17 @@ class _Recompute:
     """What is saved for backward in place of a view of a tensor that ``recompute()`` makes again
     (a fake-quantized weight): the view's geometry, and the versions of the tensors it is made from."""
 
-    __slots__ = ("inputs", "offset", "owner", "recompute", "size", "stride", "versions")
+    __slots__ = ("inputs", "offset", "owner", "recompute", "size", "stride", "versions", "what")
 
     def __init__(
         self,
         owner: str,
+        what: str,
         recompute: Callable[[], torch.Tensor],
         inputs: tuple[torch.Tensor, ...],
         view: torch.Tensor,
     ) -> None:
-        self.owner, self.recompute, self.inputs = owner, recompute, inputs
+        self.owner, self.what, self.recompute, self.inputs = owner, what, recompute, inputs
         self.versions = tuple(t._version for t in inputs)
         self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
 
@@ -90,7 +91,7 @@ class _Recompute:
         if any(t._version != v for t, v in zip(self.inputs, self.versions, strict=True)):
             raise RuntimeError(
                 f"{self.owner}: its weight was modified in place between forward and backward; the "
-                "fake-quantized weight recomputed for backward would differ from the one forward used"
+                f"{self.what} recomputed for backward would differ from the one forward used"
             )
         with torch.no_grad():
             q = self.recompute()
@@ -103,10 +104,12 @@ def recompute_in_backward(
     recompute: Callable[[], torch.Tensor],
     inputs: tuple[torch.Tensor, ...],
     compute: Callable[[torch.Tensor], torch.Tensor],
+    what: str = "fake-quantized weight",
 ) -> torch.Tensor:
     """``compute(value)``, where whatever autograd would save of ``value`` (a new tensor as large as a
     weight) is replaced by a record that calls ``recompute()`` (under ``no_grad``, bitwise ``value``
-    again) in backward; ``inputs`` are the tensors ``value`` is made from, checked unchanged then.
+    again) in backward; ``inputs`` are the tensors ``value`` is made from, checked unchanged then
+    (``owner`` and ``what`` name the layer and ``value`` in the error otherwise).
 
     The hooks live as long as the graph (autograd keeps them with what they saved): they hold only
     what identifies ``value``, never ``value`` itself, so nothing keeps it alive after ``compute``.
@@ -118,7 +121,7 @@ def recompute_in_backward(
 
     def pack(t: torch.Tensor) -> Any:
         if t.untyped_storage().data_ptr() == storage and t.dtype == dtype:
-            return _Recompute(owner, recompute, inputs, t)
+            return _Recompute(owner, what, recompute, inputs, t)
         return t
 
     def unpack(saved: Any) -> torch.Tensor:
