@@ -1,4 +1,5 @@
 import os
+import re
 
 import pytest
 
@@ -38,6 +39,18 @@ def _record_hook_calls(request, monkeypatch):
     yield
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
 def pytest_collection_modifyitems(items):
     # The meta-tests read what the other tests recorded: run them last.
     items.sort(key=lambda item: item.get_closest_marker("after_all") is not None)
+    # Under pytest-xdist (``--dist loadgroup``), the tests named after a hook and the meta-test that
+    # reads the hooks they called (HOOK_CALLS, per process) run in one worker, in this order.
+    from lightning_shrink import get_plugin_manager
+
+    hooks = [
+        re.compile(rf"(?<![a-z]){name}(?![a-z])") for name in get_plugin_manager(autoload=False).hook_names()
+    ]
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        if item.get_closest_marker("after_all") is not None or any(h.search(name) for h in hooks):
+            item.add_marker(pytest.mark.xdist_group("hooks"))
