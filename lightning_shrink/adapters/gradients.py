@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from lightning_shrink.adapters import effective_weight, lora_base_layers
+from lightning_shrink.lightning.param_groups import average_gradients
 
 __all__ = ["BaseGradients"]
 
@@ -72,24 +72,7 @@ class BaseGradients:
     def average(self) -> None:
         """Average the base weights' gradients over the data-parallel ranks (a missing gradient counts
         as zero), as DDP does for trainable weights."""
-        if not self._enabled or not (dist.is_available() and dist.is_initialized()):
-            return
-        world = dist.get_world_size()
-        if world == 1:
-            return
-        grads = []
-        for p in self._enabled:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        buffer = flat.cpu() if dist.get_backend() == "gloo" else flat
-        dist.all_reduce(buffer)
-        buffer.div_(world)
-        offset = 0
-        for g in grads:
-            g.copy_(buffer[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        average_gradients(self._enabled)
 
     def release(self) -> None:
         """Drop the base weights' gradients (read by the criterion; never seen by the optimizer)."""

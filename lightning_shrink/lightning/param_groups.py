@@ -16,7 +16,7 @@ from torch.optim import lr_scheduler as schedulers
 
 from lightning_shrink.manager import PluginError
 
-__all__ = ["PluginParamGroups"]
+__all__ = ["PluginParamGroups", "average_gradients"]
 
 
 class PluginParamGroups:
@@ -94,27 +94,32 @@ class PluginParamGroups:
     def average_gradients(self) -> None:
         """Average the groups' gradients across data-parallel ranks (a missing gradient counts as
         zero), so every rank takes the same update, as DDP does for the model's parameters."""
-        if not self.params or not (dist.is_available() and dist.is_initialized()):
-            return
-        world = dist.get_world_size()
-        if world == 1:
-            return
-        grads = []
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        backend = dist.get_backend()
-        device = flat.device if backend != "gloo" else torch.device("cpu")
-        buffer = flat.to(device)
-        dist.all_reduce(buffer)
-        buffer.div_(world)
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(buffer[offset : offset + n].view_as(g))
-            offset += n
+        average_gradients(self.params)
+
+
+def average_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Average the gradients of ``params`` over the data-parallel ranks, in place, in one all-reduce
+    (a missing gradient counts as zero; nothing happens outside a process group of several ranks):
+    what DDP does for the model's parameters, for tensors it does not reduce."""
+    if not params or not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    buffer = flat.cpu() if dist.get_backend() == "gloo" else flat
+    dist.all_reduce(buffer)
+    buffer.div_(world)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(buffer[offset : offset + n].view_as(g))
+        offset += n
 
 
 def _extend_scheduler(

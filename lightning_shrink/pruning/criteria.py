@@ -144,6 +144,10 @@ class Criterion:
         self.names, self.params = list(names), list(params)
         self._effective = list(effective) if effective is not None else [None] * len(self.params)
         self.steps = 0
+        self._allocate()
+
+    def _allocate(self) -> None:
+        """Create the criterion's per-parameter state for :attr:`params` (called by :meth:`bind`)."""
 
     def weight(self, i: int) -> torch.Tensor:
         """The (detached) weight parameter ``i`` stands for: its effective weight, else itself."""
@@ -239,15 +243,10 @@ class Movement(Criterion):
         super().__init__(owner, options)
         self.score_params: list[torch.nn.Parameter] = []
 
-    def bind(
-        self,
-        names: Sequence[str],
-        params: Sequence[torch.Tensor],
-        effective: Sequence[Callable[[], torch.Tensor] | None] | None = None,
-    ) -> None:
-        super().bind(names, params, effective)
+    def _allocate(self) -> None:
         self.score_params = [
-            torch.nn.Parameter(torch.zeros(p.shape, dtype=torch.float32, device=p.device)) for p in params
+            torch.nn.Parameter(torch.zeros(p.shape, dtype=torch.float32, device=p.device))
+            for p in self.params
         ]
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -355,14 +354,8 @@ class Taylor(Criterion):
         self.importance: list[torch.Tensor] = []
         self.uncertainty: list[torch.Tensor] = []
 
-    def bind(
-        self,
-        names: Sequence[str],
-        params: Sequence[torch.Tensor],
-        effective: Sequence[Callable[[], torch.Tensor] | None] | None = None,
-    ) -> None:
-        super().bind(names, params, effective)
-        self.importance = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    def _allocate(self) -> None:
+        self.importance = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
         self.uncertainty = [torch.zeros_like(t) for t in self.importance]
 
     def before_optimizer_step(self) -> None:
