@@ -461,8 +461,10 @@ def write_doc(meta: dict[str, Any], command: str) -> str:
         if run is not None and str(own.get("date", "")) > str(run.get("date", "")):
             run = None  # run directly since run_all last ran it: its own record is the one
         if run is None:
+            wall = own.get("wall_seconds")
             lines.append(
-                f"| {name} | `{own.get('command', 'not run by run_all')}` | {own.get('date', '')} | | |"
+                f"| {name} | `{own.get('command', 'not run by run_all')}` | {own.get('date', '')} | "
+                f"{'' if wall is None else f'{wall:.0f} s'} | |"
             )
         else:
             lines.append(

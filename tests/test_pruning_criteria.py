@@ -265,6 +265,43 @@ def test_score_lr_sets_the_scores_group_lr_and_weight_decay_is_zero():
     assert [id(p) for p in group["params"]] == [id(s) for s in cb.plugin.criterion.score_params]
 
 
+class AdamWChoosing(TinyClassifier):
+    """AdamW with the given implementation arguments (``foreach=`` / ``fused=``), or torch's choice."""
+
+    def __init__(self, **implementation: Any) -> None:
+        super().__init__()
+        self.implementation = implementation
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=0.01, **self.implementation)
+
+
+def _movement_scores(model: TinyClassifier) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    torch.manual_seed(0)
+    cb = GradualMagnitudePruning(0.5, start_step=3, schedule="constant", criterion="movement")
+    trainer = cpu_trainer(callbacks=[cb], max_steps=3)
+    trainer.fit(model, _loader())
+    scores = [s.detach().clone() for s in cb.plugin.criterion.score_params]
+    return trainer.optimizers[0].param_groups[-1], scores
+
+
+def test_movement_scores_use_the_fused_optimizer_step_unless_the_run_chose_an_implementation():
+    # Off CUDA torch steps with its for-loop implementation unless told otherwise; the scores' group
+    # (one float32 per pruned weight) takes the fused one, the same update in one kernel per tensor.
+    torch.manual_seed(0)
+    fused_group, fused_scores = _movement_scores(AdamWChoosing())
+    assert fused_group["fused"] is True
+    torch.manual_seed(0)
+    loop_group, loop_scores = _movement_scores(AdamWChoosing(foreach=False))
+    assert not loop_group["fused"] and loop_group["foreach"] is False  # the run's choice is kept
+    for fused, loop in zip(fused_scores, loop_scores, strict=True):
+        assert fused.abs().max() > 0
+        torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-7)
+    torch.manual_seed(0)
+    sgd_group, _ = _movement_scores(PlainSGD())  # SGD has a fused implementation too
+    assert sgd_group["fused"] is True
+
+
 # ---------------------------------------------------------------------------------------------- DDP
 
 

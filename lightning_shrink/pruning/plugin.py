@@ -179,8 +179,11 @@ class PruningPlugin(TechniquePlugin):
                 "DifferentialPrivacy and LoRA"
             )
         criterion.bind(names, params, base_grads.effective() if base_grads else None)
-        groups = criterion.param_groups()
-        if groups and compat.optimizer_of(trainer) is None:
+        if not criterion.learns_scores:
+            return None
+        optimizer = compat.optimizer_of(trainer)
+        groups = criterion.param_groups(optimizer)
+        if groups and optimizer is None:
             raise ValueError(
                 f"{OWNER} ({self.name!r}): criterion={criterion.name!r} learns its scores with the run's "
                 f"optimizer, but {type(pl_module).__name__}.configure_optimizers returned none; configure "
