@@ -83,6 +83,8 @@ GOALS_POINTS = {
     "sparse80_kd_movement": 1.5,
     "heads50_neurons50_int8_kd": 1.5,
     "heads50_neurons75_int8_kd": 1.5,
+    "heads50_neurons50_int8_kd_taylor": 1.5,
+    "heads50_neurons75_int8_kd_taylor": 1.5,
 }
 GOAL_EXPORT_RATIO = 6.0
 GOAL_SPEEDUP = 2.1

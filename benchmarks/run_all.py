@@ -189,6 +189,15 @@ GOALS: tuple[Goal, ...] = (
         unit=" points",
     ),
     Goal(
+        "accuracy_structured_taylor",
+        "structured 50% heads + 75% neurons (Taylor) + int8 + KD (converted) at the full-size budget, "
+        "accuracy vs dense (points)",
+        (("points_vs_dense", "heads50_neurons75_int8_kd_taylor"),),
+        ">=",
+        -1.5,
+        unit=" points",
+    ),
+    Goal(
         "serving",
         "lightning-shrink serve: int8 export's throughput (its faster backend) / dense export's on "
         "PyTorch (8 clients, localhost)",
@@ -219,8 +228,12 @@ GOALS: tuple[Goal, ...] = (
     ),
     *(
         goal
-        # the preset's recipe (demo.json), and the structured recipe measured at the same budget
-        for bench, flag in (("demo", ""), ("demo_structured", " --recipe heads50-neurons50-int8-kd"))
+        # the preset's recipe (demo.json), and the other recipes measured at the same budget
+        for bench, flag in (
+            ("demo", ""),
+            ("demo_sparse50", " --recipe sparse50-int8-kd"),
+            ("demo_structured", " --recipe heads50-neurons50-int8-kd"),
+        )
         for dataset in ("rotten_tomatoes", "tweet_sentiment")
         for goal in (
             Goal(

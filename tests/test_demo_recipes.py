@@ -166,18 +166,27 @@ def test_structured_recipe_removes_heads_and_neurons_and_refuses_a_sparsity(tmp_
     ):
         Recipe("rows", "rows", structured={"rows": 0.5})
 
+    # The quick preset's recipe: Taylor importance chooses the heads and neurons.
+    assert PRESETS["quick"].recipe == "heads50-neurons75-taylor-int8-kd"
+    heads, neurons, _, _ = compression_callbacks(get_recipe(PRESETS["quick"].recipe), teacher=nn.Linear(2, 2))
+    assert (heads.config.criterion, neurons.config.criterion) == ("taylor", "taylor")
+    assert (heads.config.target_sparsity, neurons.config.target_sparsity) == (0.5, 0.75)
+
     out = tmp_path / "demo"
     results = run_demo(
-        out, preset="smoke", recipe="heads50-neurons50-int8-kd", progress=False, student_steps=4
+        out, preset="smoke", recipe="heads50-neurons75-taylor-int8-kd", progress=False, student_steps=4
     )
     printed = capsys.readouterr().out
     assert "converting to the inference form (real int8 layers, pruned heads and neurons removed)" in printed
+    # Not the smoke preset's recipe: its measurement is printed, not "chosen for the smoke preset".
+    assert "  measured: the best trade-off measured at this budget" in printed
+    assert "chosen for the smoke preset" not in printed
     from lightning_shrink import load
 
     model = load(out / "model")
     config = model.config
     layer = model.bert.encoder.layer[0]
-    # Half of the heads and half of the FFN neurons are gone from the exported int8 layers.
+    # Half of the heads and three quarters of the FFN neurons are gone from the exported int8 layers.
     assert layer.attention.self.query.out_features == config.hidden_size // 2
-    assert layer.intermediate.dense.out_features == config.intermediate_size // 2
+    assert layer.intermediate.dense.out_features == config.intermediate_size // 4
     assert results["accuracy"]["compressed_reloaded"] == results["accuracy"]["compressed"]

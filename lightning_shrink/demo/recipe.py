@@ -59,6 +59,8 @@ class Recipe:
             :data:`QUANTIZATION_DEFAULTS`, or ``None`` for no quantization.
         distillation: Distil from the dense teacher (``KnowledgeDistillation``).
         why: Why a preset uses it: the measurement behind the choice (printed with the choice).
+        criterion: The importance criterion of the structured pruning callbacks (``"magnitude"``,
+            ``"taylor"``, ...: ``GradualMagnitudePruning(criterion=...)``); ``pruning`` sets its own.
     """
 
     name: str
@@ -68,6 +70,7 @@ class Recipe:
     distillation: bool = True
     why: str = ""
     structured: Mapping[str, float] | None = None
+    criterion: str = "magnitude"
 
     def __post_init__(self) -> None:
         if self.pruning is not None and "target_sparsity" not in self.pruning:
@@ -113,6 +116,7 @@ class Recipe:
                 "target_sparsity": fraction,
                 "pattern": kind,
                 "name": f"pruning-{kind}",
+                **({} if self.criterion == "magnitude" else {"criterion": self.criterion}),
             }
             for kind, fraction in (self.structured or {}).items()
         ]
@@ -206,7 +210,10 @@ class Recipe:
                 + (f" ({criterion})" if criterion else " (magnitude)")
             )
         if self.structured is not None:
-            parts.append(" + ".join(f"{v:.0%} of the {k} removed" for k, v in self.structured.items()))
+            parts.append(
+                " + ".join(f"{v:.0%} of the {k} removed" for k, v in self.structured.items())
+                + f" ({self.criterion})"
+            )
         if self.quantization is not None:
             q = self.quantization_arguments()
             parts.append(f"int{q['weight_bits']} layers, int{q.get('embedding_bits') or 32} embeddings")
@@ -247,6 +254,28 @@ RECIPES: dict[str, Recipe] = {
             why="the removed heads and neurons make every layer smaller, which adds to int8's speed-up "
             "(2.2x faster than FP32 on MiniLM's shape, against 1.6x for int8 alone), at a cost in "
             "accuracy (3.3 points below dense at the accuracy benchmark's full-size budget)",
+        ),
+        Recipe(
+            "heads50-neurons50-taylor-int8-kd",
+            "half of every layer's attention heads and FFN neurons removed, chosen by first-order "
+            "Taylor importance, int8 layers, int4 embeddings, distillation",
+            structured={"heads": 0.5, "neurons": 0.5},
+            quantization={},
+            criterion="taylor",
+            why="Taylor importance in place of magnitude kept the accuracy at the quick budget on both "
+            "data sets (+1.50 / +0.67 points; magnitude lost 3.83 on Rotten Tomatoes), 1.8-1.9x faster "
+            "at batch 1: short of the 2x goal",
+        ),
+        Recipe(
+            "heads50-neurons75-taylor-int8-kd",
+            "half of every layer's attention heads and three quarters of its FFN neurons removed, "
+            "chosen by first-order Taylor importance, int8 layers, int4 embeddings, distillation",
+            structured={"heads": 0.5, "neurons": 0.75},
+            quantization={},
+            criterion="taylor",
+            why="the best trade-off measured at this budget: within the dense accuracy on both data "
+            "sets (+0.83 / +1.00 points), 2.2-2.5x faster at batch 1 and 8x smaller than FP32 (the FFN "
+            "holds two thirds of the layers' weights; Taylor importance chooses what to remove)",
         ),
         Recipe(
             "int8-kd",

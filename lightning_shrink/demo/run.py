@@ -135,7 +135,8 @@ def run_demo(
         say(f"  {describe_data(summary)}; majority class {summary['test_majority_fraction']:.1%} of test")
         say(f"recipe {recipe.describe()}")
         if recipe.why:
-            say(f"  chosen for the {preset} preset: {recipe.why}")
+            chosen = recipe.name == PRESETS[preset].recipe
+            say(f"  {f'chosen for the {preset} preset' if chosen else 'measured'}: {recipe.why}")
 
         output.parent.mkdir(parents=True, exist_ok=True)
         with _unwinding_on_sigterm(), staged_directory(output) as staging:
