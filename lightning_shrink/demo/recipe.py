@@ -58,7 +58,8 @@ class Recipe:
         quantization: Keyword arguments of ``QuantizationAwareTraining`` over
             :data:`QUANTIZATION_DEFAULTS`, or ``None`` for no quantization.
         distillation: Distil from the dense teacher (``KnowledgeDistillation``).
-        why: Why a preset uses it: the measurement behind the choice (printed with the choice).
+        why: The measurement behind the recipe, printed when a run uses it (as the reason for the
+            choice when it is the preset's recipe).
         criterion: The importance criterion of the structured pruning callbacks (``"magnitude"``,
             ``"taylor"``, ...: ``GradualMagnitudePruning(criterion=...)``); ``pruning`` sets its own.
     """
