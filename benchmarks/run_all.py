@@ -171,7 +171,8 @@ GOALS: tuple[Goal, ...] = (
     *(
         Goal(
             bench,
-            f"80% sparsity + distillation at 5 epochs ({criterion}), accuracy vs dense (points)",
+            f"80% sparsity + distillation at 5 epochs of a 2,000-snippet subsample ({criterion}), "
+            "accuracy vs dense (points)",
             (("points_vs_dense", variant),),
             ">=",
             -1.5,
