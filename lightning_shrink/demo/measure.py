@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 __all__ = ["directory_size", "evaluate_accuracy", "machine_info", "measure_latency", "sparsity_of_linears"]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate_accuracy(model: nn.Module, loader: DataLoader) -> float:
     """Accuracy of a transformers classifier (or a converted one) on ``loader``, in eval mode and
     under ``torch.inference_mode``."""
@@ -25,13 +25,12 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader) -> float:
     model.eval()
     correct = total = 0
     try:
-        with torch.inference_mode():
-            for batch in loader:
-                labels = batch["labels"]
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                logits = _logits(model(**inputs))
-                correct += int((logits.argmax(-1) == labels).sum())
-                total += labels.numel()
+        for batch in loader:
+            labels = batch["labels"]
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            logits = _logits(model(**inputs))
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += labels.numel()
     finally:
         model.train(was_training)
     return correct / total if total else 0.0
@@ -45,7 +44,7 @@ def _logits(output: Any) -> torch.Tensor:
     return output.logits
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def measure_latency(
     models: Mapping[str, nn.Module],
     inputs: Sequence[Mapping[str, torch.Tensor]],
@@ -58,25 +57,24 @@ def measure_latency(
     Every repetition runs each model once on each of ``inputs`` (in turn, so that a noisy
     neighbour affects all models alike); a model's time for a repetition is the mean over the
     inputs, and the median over repetitions is returned. Models run in eval mode under
-    ``torch.inference_mode`` (no autograd graph), as a server runs them.
+    ``torch.inference_mode`` (no autograd graph, no version counters), as a server runs them.
     """
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        with torch.inference_mode():
-            for model in models.values():
-                model.eval()
-                for x in inputs[:warmup]:
+        for model in models.values():
+            model.eval()
+            for x in inputs[:warmup]:
+                model(**x)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(repetitions):
+            for name, model in models.items():
+                start = time.perf_counter()
+                for x in inputs:
                     model(**x)
-            times: dict[str, list[float]] = {name: [] for name in models}
-            for _ in range(repetitions):
-                for name, model in models.items():
-                    start = time.perf_counter()
-                    for x in inputs:
-                        model(**x)
-                    times[name].append((time.perf_counter() - start) / len(inputs) * 1e3)
-            return {name: statistics.median(t) for name, t in times.items()}
+                times[name].append((time.perf_counter() - start) / len(inputs) * 1e3)
+        return {name: statistics.median(t) for name, t in times.items()}
     finally:
         torch.set_num_threads(previous)
 
