@@ -61,6 +61,7 @@ from lightning.pytorch.callbacks import ModelPruning  # noqa: E402
 
 from lightning_shrink import GradualMagnitudePruning  # noqa: E402
 from lightning_shrink.demo.model import MINILM, load_backbone  # noqa: E402
+from lightning_shrink.lightning.param_groups import fused_available  # noqa: E402
 from lightning_shrink.pruning.masks import Comm, compute_masks, parse_pattern  # noqa: E402
 
 SPARSITY = 0.8
@@ -296,7 +297,7 @@ def main() -> None:
         s.grad = torch.randn_like(s)
     # The scores' share of the step, with the implementation the fit's group used (fused when torch
     # has one for this device: the run left the choice to torch).
-    fused = movement.param_groups(torch.optim.AdamW(scores))[0].get("fused")
+    fused = fused_available(torch.optim.AdamW(scores), scores) or None
     adamw = torch.optim.AdamW(scores, lr=1e-5, weight_decay=0.0, fused=fused)
     criterion_ms = {
         "criterion='movement' (score gradients, per micro-batch)": median_ms(movement.after_backward),

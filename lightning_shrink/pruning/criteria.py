@@ -122,8 +122,6 @@ class Criterion:
     needs_gradients: ClassVar[bool] = False
     #: Whether :meth:`before_optimizer_step` reads the parameters' gradients.
     reads_step_gradients: ClassVar[bool] = False
-    #: Whether the run's optimizer trains tensors of the criterion (:meth:`param_groups`).
-    learns_scores: ClassVar[bool] = False
 
     def __init__(self, owner: str, options: Mapping[str, Any]) -> None:
         self.owner = owner
@@ -156,9 +154,8 @@ class Criterion:
         effective = self._effective[i] if i < len(self._effective) else None
         return effective() if effective is not None else self.params[i].detach()
 
-    def param_groups(self, optimizer: torch.optim.Optimizer | None = None) -> list[dict[str, Any]] | None:
-        """Optimizer parameter groups of tensors the criterion learns, or ``None``. ``optimizer`` is
-        the run's first optimizer, which will train them."""
+    def param_groups(self) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups of tensors the criterion learns, or ``None``."""
         return None
 
     def after_backward(self) -> None:
@@ -227,38 +224,14 @@ class Magnitude(Criterion):
     name = "magnitude"
 
 
-def fused_available(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> bool:
-    """Whether ``params`` can be stepped by ``optimizer``'s fused implementation while the run left
-    the choice of implementation to torch (``foreach`` and ``fused`` both ``None``, their default).
-
-    The same update, in one kernel per tensor instead of one per arithmetic operation: torch
-    defaults to its for-loop implementation off CUDA, which steps the movement scores (one float32
-    per pruned weight) several times slower on a CPU. An implementation the run chose
-    (``foreach=...`` or ``fused=...``) is kept for the scores too.
-    """
-    try:
-        from torch.optim.optimizer import _get_fused_kernels_supported_devices
-    except ImportError:  # a torch without fused optimizer kernels
-        return False
-    defaults = optimizer.defaults
-    if "fused" not in defaults or defaults.get("fused") is not None or defaults.get("foreach") is not None:
-        return False
-    if defaults.get("differentiable") or defaults.get("capturable"):
-        return False
-    devices = _get_fused_kernels_supported_devices()
-    return all(
-        type(p) is torch.nn.Parameter and p.dtype == torch.float32 and p.device.type in devices
-        for p in params
-    )
-
-
 class Movement(Criterion):
     """Hard movement pruning (Sanh, Wolf & Rush, 2020): learned scores ``S``, one per pruned weight.
 
     ``S`` (float32 ``nn.Parameter``\\ s, zero-initialized, owned by the plugin) is trained by the run's
     first optimizer in a parameter group of its own (``lr``: ``score_lr``, else the optimizer's default;
     ``weight_decay=0``; torch's fused implementation when the optimizer has one and the run did not
-    choose ``foreach``/``fused``, see :func:`fused_available`). Its gradient is the straight-through
+    choose ``foreach``/``fused``, see
+    :func:`~lightning_shrink.lightning.param_groups.fused_available`). Its gradient is the straight-through
     estimate ``dL/dS = W * dL/dW'``: with SGD every step adds ``-lr * W * grad``, so weights moving
     away from zero gain score. Because the scores start equal and their gradient does not depend on
     them, their ranking does not depend on ``score_lr`` (SGD and Adam updates are proportional to
@@ -268,7 +241,6 @@ class Movement(Criterion):
 
     name = "movement"
     needs_gradients = True
-    learns_scores = True
 
     def __init__(self, owner: str, options: Mapping[str, Any]) -> None:
         super().__init__(owner, options)
@@ -280,12 +252,10 @@ class Movement(Criterion):
             for p in self.params
         ]
 
-    def param_groups(self, optimizer: torch.optim.Optimizer | None = None) -> list[dict[str, Any]]:
+    def param_groups(self) -> list[dict[str, Any]]:
         group: dict[str, Any] = {"params": list(self.score_params), "weight_decay": 0.0}
         if self.options.get("score_lr") is not None:
             group["lr"] = float(self.options["score_lr"])
-        if optimizer is not None and fused_available(optimizer, group["params"]):
-            group["fused"] = True
         return [group]
 
     def after_backward(self) -> None:

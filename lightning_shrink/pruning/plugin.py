@@ -13,6 +13,7 @@ from lightning_shrink.adapters import check_supported, mask_lora_deltas
 from lightning_shrink.adapters.gradients import BaseGradients
 from lightning_shrink.hookspecs import hookimpl
 from lightning_shrink.lightning import compat
+from lightning_shrink.lightning.param_groups import fused_available
 from lightning_shrink.lightning.technique import TechniquePlugin
 from lightning_shrink.pruning.config import OWNER, PruningConfig
 from lightning_shrink.pruning.criteria import Criterion, make_criterion
@@ -179,16 +180,19 @@ class PruningPlugin(TechniquePlugin):
                 "DifferentialPrivacy and LoRA"
             )
         criterion.bind(names, params, base_grads.effective() if base_grads else None)
-        if not criterion.learns_scores:
-            return None
+        groups = criterion.param_groups()
+        if not groups:
+            return groups
         optimizer = compat.optimizer_of(trainer)
-        groups = criterion.param_groups(optimizer)
-        if groups and optimizer is None:
+        if optimizer is None:
             raise ValueError(
                 f"{OWNER} ({self.name!r}): criterion={criterion.name!r} learns its scores with the run's "
                 f"optimizer, but {type(pl_module).__name__}.configure_optimizers returned none; configure "
                 "an optimizer or use criterion='magnitude' or 'taylor'"
             )
+        for group in groups:
+            if fused_available(optimizer, group["params"]):
+                group["fused"] = True  # the scores step in one kernel per tensor (see fused_available)
         return groups
 
     @hookimpl
