@@ -117,7 +117,7 @@ class Recipe:
                 "target_sparsity": fraction,
                 "pattern": kind,
                 "name": f"pruning-{kind}",
-                **({} if self.criterion == "magnitude" else {"criterion": self.criterion}),
+                "criterion": self.criterion,
             }
             for kind, fraction in (self.structured or {}).items()
         ]
